@@ -1,0 +1,89 @@
+"""The store contract every backend keeps (DESIGN §3).
+
+Optimistic concurrency: every stored object carries an opaque `revision`.
+
+- `create` fails with `AlreadyExists` if the name is taken.
+- `update` writes only if the stored revision still equals `obj.revision`, else `Conflict`.
+- `delete` with a revision deletes only at that revision, else `Conflict`; `NotFound` if gone.
+- `list` returns the items and the store revision they were read at; `watch(kind, since)`
+  yields every change after that revision, so list-then-watch misses nothing.
+- A backend that cannot be reached raises `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+from ipam_blocks.selector import EVERYTHING, LabelSelector
+
+# Kinds stored as l3fabric.io/v1 custom resources (plural = URL segment, also the CRD name).
+CRD_PLURALS: Mapping[str, str] = {
+    "IPPool": "ippools",
+    "IPAMBlock": "ipamblocks",
+    "BlockAffinity": "blockaffinities",
+    "IPAMHandle": "ipamhandles",
+    "IPAMConfig": "ipamconfigs",
+    "BGPConfiguration": "bgpconfigurations",
+    "BGPPeer": "bgppeers",
+}
+# Kinds that in a cluster are core Kubernetes objects, and in the embedded store records of
+# their own: Node (labels + l3fabric.io/ annotations) and Workload (a pod the agent attached,
+# the embedded stand-in for the Pod API when GC asks whether an owner is alive).
+EMBEDDED_ONLY_KINDS = ("Node", "Workload")
+ALL_KINDS = (*CRD_PLURALS, *EMBEDDED_ONLY_KINDS)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One stored object. `spec` uses the CRD field names; `revision` is None until stored."""
+
+    kind: str
+    name: str
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    revision: str | None = None
+
+    def with_spec(self, spec: Mapping[str, Any]) -> Resource:
+        return replace(self, spec=spec)
+
+
+@dataclass(frozen=True)
+class Listing:
+    items: list[Resource]
+    revision: str
+
+
+class EventType(StrEnum):
+    ADDED = "ADDED"
+    MODIFIED = "MODIFIED"
+    DELETED = "DELETED"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: EventType
+    resource: Resource
+
+
+class Store(Protocol):
+    """Backend-neutral datastore with compare-and-swap writes."""
+
+    def get(self, kind: str, name: str) -> Resource: ...
+
+    def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing: ...
+
+    def create(self, obj: Resource) -> Resource: ...
+
+    def update(self, obj: Resource) -> Resource: ...
+
+    def delete(self, kind: str, name: str, revision: str | None = None) -> None: ...
+
+    def watch(self, kind: str, since: str, timeout: float) -> Iterator[WatchEvent]:
+        """Changes of `kind` after revision `since`, until `timeout` seconds pass quietly."""
+        ...
+
+    def close(self) -> None: ...
