@@ -1,17 +1,17 @@
 """Errors of l3fabric, grouped by what the caller should do about them.
 
-    L3FabricError
-    ├── InvalidInput          bad input; report it (CLI exit 2, CNI code 7). Names the field.
-    ├── StoreError            the datastore said no
-    │   ├── NotFound
-    │   ├── AlreadyExists
-    │   ├── Conflict          stale revision: re-read, re-apply, retry
-    │   └── StoreUnavailable  transient: retry with backoff, then give up (CNI code 11)
-    └── IPAMError             IPAM cannot satisfy the request
-        ├── PoolExhausted     no free address in any usable pool
-        ├── NoUsablePool      no enabled pool selects this node
-        ├── InUse             refused because addresses are still allocated
-        └── ContentionBudgetExceeded   too many conflicts in a row
+L3FabricError
+├── InvalidInput          bad input; report it (CLI exit 2, CNI code 7). Names the field.
+├── StoreError            the datastore said no
+│   ├── NotFound
+│   ├── AlreadyExists
+│   ├── Conflict          stale revision: re-read, re-apply, retry
+│   └── StoreUnavailable  transient: retry with backoff, then give up (CNI code 11)
+└── IPAMError             IPAM cannot satisfy the request
+    ├── PoolExhausted     no free address in any usable pool
+    ├── NoUsablePool      no enabled pool selects this node
+    ├── InUse             refused because addresses are still allocated
+    └── ContentionBudgetExceeded   too many conflicts in a row
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from typing import Any
 
 from ipam_blocks.errors import InvalidInput
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _SET_EXPR = re.compile(r"^\s*(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<values>[^)]*)\)\s*$")
 
@@ -64,7 +66,11 @@ class LabelSelector:
             out["matchLabels"] = dict(self.match_labels)
         if self.match_expressions:
             out["matchExpressions"] = [
-                {"key": r.key, "operator": str(r.operator), **({"values": list(r.values)} if r.values else {})}
+                {
+                    "key": r.key,
+                    "operator": str(r.operator),
+                    **({"values": list(r.values)} if r.values else {}),
+                }
                 for r in self.match_expressions
             ]
         return out
@@ -103,7 +109,9 @@ def _check_value(value: str, field_name: str) -> str:
     return value
 
 
-def parse_selector_dict(raw: Mapping[str, Any] | None, field_name: str = "nodeSelector") -> LabelSelector:
+def parse_selector_dict(
+    raw: Mapping[str, Any] | None, field_name: str = "nodeSelector"
+) -> LabelSelector:
     """Parse the structured form {matchLabels: {...}, matchExpressions: [...]}."""
     if raw is None:
         return EVERYTHING
@@ -127,13 +135,17 @@ def parse_selector_dict(raw: Mapping[str, Any] | None, field_name: str = "nodeSe
         try:
             op = Operator(expr.get("operator"))
         except ValueError:
-            raise InvalidInput(f"{where}.operator", f"must be one of {[str(o) for o in Operator]}") from None
+            raise InvalidInput(
+                f"{where}.operator", f"must be one of {[str(o) for o in Operator]}"
+            ) from None
         values = tuple(_check_value(v, f"{where}.values") for v in expr.get("values") or ())
         if op in (Operator.IN, Operator.NOT_IN) and not values:
             raise InvalidInput(f"{where}.values", f"required for operator {op}")
         if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
             raise InvalidInput(f"{where}.values", f"must be empty for operator {op}")
-        requirements.append(Requirement(_check_key(str(expr.get("key", "")), f"{where}.key"), op, values))
+        requirements.append(
+            Requirement(_check_key(str(expr.get("key", "")), f"{where}.key"), op, values)
+        )
     return LabelSelector(labels, tuple(requirements))
 
 
@@ -173,13 +185,17 @@ def parse_selector_text(text: str | None, field_name: str = "selector") -> Label
         elif "!=" in part:
             key, value = (s.strip() for s in part.split("!=", 1))
             requirements.append(
-                Requirement(_check_key(key, field_name), Operator.NOT_IN, (_check_value(value, field_name),))
+                Requirement(
+                    _check_key(key, field_name), Operator.NOT_IN, (_check_value(value, field_name),)
+                )
             )
         elif "=" in part:
             key, value = (s.strip() for s in part.replace("==", "=").split("=", 1))
             labels[_check_key(key, field_name)] = _check_value(value, field_name)
         elif part.startswith("!"):
-            requirements.append(Requirement(_check_key(part[1:].strip(), field_name), Operator.DOES_NOT_EXIST))
+            requirements.append(
+                Requirement(_check_key(part[1:].strip(), field_name), Operator.DOES_NOT_EXIST)
+            )
         else:
             requirements.append(Requirement(_check_key(part, field_name), Operator.EXISTS))
     return LabelSelector(labels, tuple(requirements))

@@ -38,7 +38,9 @@ def open_store(url: str | None = None) -> Store:
         from ipam_blocks.store.kube import KubeStore
 
         return KubeStore(kubeconfig=rest or None)
-    raise InvalidInput("store", f"unknown store {url!r}; expected sqlite:PATH, kube or kube:KUBECONFIG")
+    raise InvalidInput(
+        "store", f"unknown store {url!r}; expected sqlite:PATH, kube or kube:KUBECONFIG"
+    )
 
 
 __all__ = [

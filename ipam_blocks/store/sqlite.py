@@ -92,7 +92,9 @@ class SqliteStore:
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> int:
-        return db.execute("UPDATE counter SET revision = revision + 1 RETURNING revision").fetchone()[0]
+        return db.execute(
+            "UPDATE counter SET revision = revision + 1 RETURNING revision"
+        ).fetchone()[0]
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -101,9 +103,11 @@ class SqliteStore:
 
     def get(self, kind: str, name: str) -> Resource:
         self._check_kind(kind)
-        row = self._db().execute(
-            "SELECT revision, body FROM objects WHERE kind=? AND name=?", (kind, name)
-        ).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT revision, body FROM objects WHERE kind=? AND name=?", (kind, name))
+            .fetchone()
+        )
         if row is None:
             raise NotFound(kind, name)
         return _decode(kind, name, row[0], row[1])
@@ -184,11 +188,15 @@ class SqliteStore:
         last = int(since)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rows = self._db().execute(
-                "SELECT revision, name, type, body FROM changes WHERE kind=? AND revision>? "
-                "ORDER BY revision",
-                (kind, last),
-            ).fetchall()
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT revision, name, type, body FROM changes WHERE kind=? AND revision>? "
+                    "ORDER BY revision",
+                    (kind, last),
+                )
+                .fetchall()
+            )
             for revision, name, type_, body in rows:
                 last = revision
                 deadline = time.monotonic() + timeout
