@@ -12,6 +12,7 @@ Orderings that keep the store consistent if a process dies between two writes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
@@ -331,10 +332,9 @@ class IPAM:
             labels={NODE_LABEL: node},
             annotations={CLAIMED_AT_ANNOTATION: str(int(self.clock()))},
         )
-        try:
+        # AlreadyExists: ours, from an interrupted claim; finish it below.
+        with contextlib.suppress(AlreadyExists):
             self.store.create(res)
-        except AlreadyExists:
-            pass  # ours from an interrupted claim: finish it below
         try:
             self._create_block(blockmath.new_block(cidr, node))
         except AlreadyExists:
@@ -354,10 +354,8 @@ class IPAM:
         retry_conflicts(attempt, f"affinity {node} {cidr} -> {state}")
 
     def _delete_affinity(self, node: str, cidr: IPNetwork) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self.store.delete("BlockAffinity", affinity_name(node, cidr))
-        except NotFound:
-            pass
 
     def release_affinity(self, node: str, cidr: IPNetwork, *, require_empty: bool = True) -> None:
         """Give a block up: delete it when empty, else (require_empty=False) just un-own it."""

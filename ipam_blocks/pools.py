@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import AlreadyExists, InUse, InvalidInput, NotFound
@@ -46,10 +48,8 @@ def delete_pool(ipam: IPAM, name: str) -> None:
             ipam.release_affinity(aff.node, aff.cidr)
     for blk in ipam.blocks():
         if blk.cidr in pool.cidr:
-            try:
+            with contextlib.suppress(NotFound):
                 ipam.store.delete("IPAMBlock", blk.name, blk.revision)
-            except NotFound:
-                pass
     ipam.store.delete("IPPool", name)
 
 
@@ -64,14 +64,10 @@ def add_node(ipam: IPAM, node: Node) -> Node:
 
 def record_workload(ipam: IPAM, workload: Workload) -> None:
     """Declare a live workload (embedded mode's liveness source); idempotent."""
-    try:
+    with contextlib.suppress(AlreadyExists):
         ipam.store.create(render_workload(workload))
-    except AlreadyExists:
-        pass
 
 
 def forget_workload(ipam: IPAM, handle_id: str) -> None:
-    try:
+    with contextlib.suppress(NotFound):
         ipam.store.delete("Workload", Workload(handle_id, "").name)
-    except NotFound:
-        pass
