@@ -112,6 +112,9 @@ class IPAM:
         selector = parse_selector_text(f"{NODE_LABEL}={node}" if node else None)
         return [parse_affinity(r) for r in self.store.list("BlockAffinity", selector).items]
 
+    def _affinities_in(self, node: str, pools: list[IPPool]) -> list[BlockAffinity]:
+        return [a for a in self.affinities(node) if any(a.cidr in p.cidr for p in pools)]
+
     def usable_pools(self, node: Node, version: int, names: Iterable[str] = ()) -> list[IPPool]:
         pools = self.pools()
         wanted = set(names)
@@ -205,11 +208,16 @@ class IPAM:
         cfg: IPAMConfig,
         pools: list[IPPool],
     ) -> None:
-        in_pools = [
-            a
-            for a in self.affinities(req.node)
-            if a.state is AffinityState.CONFIRMED and any(a.cidr in p.cidr for p in pools)
-        ]
+        mine = self._affinities_in(req.node, pools)
+        # A pending affinity is a claim this node started and did not finish (a crash, or a
+        # sibling process mid-claim): finishing it is safe either way, and it must happen
+        # here because the walk for new blocks skips blocks that already exist.
+        pending = [a for a in mine if a.state is AffinityState.PENDING]
+        for aff in pending:
+            self._claim(req.node, aff.cidr)
+        if pending:
+            mine = self._affinities_in(req.node, pools)
+        in_pools = [a for a in mine if a.state is AffinityState.CONFIRMED]
         for aff in sorted(in_pools, key=lambda a: (a.cidr.version, a.cidr.first)):
             ips += self._assign_from_block(aff.cidr, req.count - len(ips), attr, req.node)
             if len(ips) == req.count:
