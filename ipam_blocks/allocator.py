@@ -82,6 +82,10 @@ class IPAM:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        self._last_used: dict[str, IPNetwork] = {}
+        """Per node, the affine block this IPAM last assigned from; tried first next time. A
+        hint only (the block is read and checked like any other): it spares a node with many
+        full blocks from reading all of them on every assignment."""
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class IPAM:
         wanted = set(names)
         unknown = wanted - {p.name for p in pools}
         if unknown:
-            raise InvalidInput("pools", f"unknown pool(s) {sorted(unknown)}")
+            raise InvalidInput("pool", f"unknown pool(s) {sorted(unknown)}")
         return [
             p
             for p in pools
@@ -218,8 +222,12 @@ class IPAM:
         if pending:
             mine = self._affinities_in(req.node, pools)
         in_pools = [a for a in mine if a.state is AffinityState.CONFIRMED]
-        for aff in sorted(in_pools, key=lambda a: (a.cidr.version, a.cidr.first)):
-            ips += self._assign_from_block(aff.cidr, req.count - len(ips), attr, req.node)
+        last = self._last_used.get(req.node)
+        for aff in sorted(in_pools, key=lambda a: (a.cidr != last, a.cidr.version, a.cidr.first)):
+            got = self._assign_from_block(aff.cidr, req.count - len(ips), attr, req.node)
+            if got:
+                self._last_used[req.node] = aff.cidr
+                ips += got
             if len(ips) == req.count:
                 return
         owned = len(in_pools)
@@ -230,6 +238,7 @@ class IPAM:
             if claimed is None:
                 break
             owned += 1
+            self._last_used[req.node] = claimed
             ips += self._assign_from_block(claimed, req.count - len(ips), attr, req.node)
             if len(ips) == req.count:
                 return
@@ -260,9 +269,14 @@ class IPAM:
     ) -> list[IPAddress]:
         def attempt() -> list[IPAddress]:
             try:
-                blk = self.read_block(cidr)
+                res = self.store.get("IPAMBlock", block_name(cidr))
             except NotFound:
                 return []
+            if not res.spec.get("unallocated"):
+                # Full: skip parsing it. A node walks all its blocks on every assignment, and
+                # parsing a full block's attributes dominated the time once it held many.
+                return []
+            blk = parse_block(res)
             if affine_node is not None and blk.affinity != affine_node:
                 return []
             new, ips = blockmath.assign(blk, count, attr)
@@ -403,6 +417,8 @@ class IPAM:
             handle = parse_handle(self.store.get("IPAMHandle", handle_name(handle_id)))
         except NotFound:
             return []
+        # Blocks record the id as stored; the caller's may differ in case (names are lowercased).
+        handle_id = handle.handle_id
         released: list[IPAddress] = []
         for cidr_text in handle.blocks:
             cidr = IPNetwork(cidr_text)

@@ -42,7 +42,7 @@ def delete_pool(ipam: IPAM, name: str) -> None:
     blocks = [b for b in ipam.blocks() if b.cidr in pool.cidr]
     in_use = sum(blockmath.in_use_count(b) for b in blocks)
     if in_use:
-        raise InUse(f"pool {name!r} still has {in_use} addresses in use; release them first")
+        raise InUse(f"pool {name!r} still has addresses in use ({in_use}); release them first")
     for aff in ipam.affinities():
         if aff.cidr in pool.cidr:
             ipam.release_affinity(aff.node, aff.cidr)

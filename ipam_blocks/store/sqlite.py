@@ -75,6 +75,13 @@ class SqliteStore:
         return db
 
     @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._db()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
@@ -104,26 +111,25 @@ class SqliteStore:
 
     def get(self, kind: str, name: str) -> Resource:
         self._check_kind(kind)
-        row = (
-            self._db()
-            .execute("SELECT revision, body FROM objects WHERE kind=? AND name=?", (kind, name))
-            .fetchone()
-        )
+        with self._read() as db:
+            row = db.execute(
+                "SELECT revision, body FROM objects WHERE kind=? AND name=?", (kind, name)
+            ).fetchone()
         if row is None:
             raise NotFound(kind, name)
         return _decode(kind, name, row[0], row[1])
 
     def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing:
         self._check_kind(kind)
-        db = self._db()
-        db.execute("BEGIN")
-        try:
-            rows = db.execute(
-                "SELECT name, revision, body FROM objects WHERE kind=? ORDER BY name", (kind,)
-            ).fetchall()
-            revision = db.execute("SELECT revision FROM counter").fetchone()[0]
-        finally:
-            db.execute("COMMIT")
+        with self._read() as db:
+            db.execute("BEGIN")
+            try:
+                rows = db.execute(
+                    "SELECT name, revision, body FROM objects WHERE kind=? ORDER BY name", (kind,)
+                ).fetchall()
+                revision = db.execute("SELECT revision FROM counter").fetchone()[0]
+            finally:
+                db.execute("COMMIT")
         items = [_decode(kind, n, r, b) for n, r, b in rows]
         return Listing([o for o in items if selector.matches(o.labels)], str(revision))
 
@@ -189,15 +195,12 @@ class SqliteStore:
         last = int(since)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rows = (
-                self._db()
-                .execute(
+            with self._read() as db:
+                rows = db.execute(
                     "SELECT revision, name, type, body FROM changes WHERE kind=? AND revision>? "
                     "ORDER BY revision",
                     (kind, last),
-                )
-                .fetchall()
-            )
+                ).fetchall()
             for revision, name, type_, body in rows:
                 last = revision
                 deadline = time.monotonic() + timeout

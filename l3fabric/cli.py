@@ -1,0 +1,163 @@
+"""The `l3fabric` console script: one argparse tree, verbs contributed by packages.
+
+Each package with verbs has a `cli` module with `register(subparsers)`; `VERB_MODULES` lists
+them, so a new package plugs in with one line here. Verbs that belong together live under a
+group (`pool`, `node`, `ipam`, ...) made with `verb_group`, which any package may extend:
+`verb_group(subparsers, "node").add_parser("status")` adds `node status` next to `node add`.
+
+A leaf verb sets `handler=fn` (`fn(args) -> exit code`). `--store` and `--log-level` are
+added to every verb after registration, so packages never declare them.
+
+Errors are turned into exit codes in one place, `main`:
+
+    0  success
+    1  valid request that could not be done (PoolExhausted, NoUsablePool, InUse,
+       ContentionBudgetExceeded, ...), or `ipam check` found problems
+    2  bad input (usage errors, InvalidInput); nothing was written
+    3  store unavailable; nothing was written, worth retrying later
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+from rich.console import Console
+
+from ipam_blocks.errors import InvalidInput, L3FabricError, StoreUnavailable
+from ipam_blocks.store import DEFAULT_STORE_URL, STORE_ENV
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Packages whose `cli.register(subparsers)` contributes verbs, in help order.
+VERB_MODULES = ("ipam_blocks.cli", "bgp_speaker.cli", "cni.cli", "lab.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Piped output is read by scripts and tests: a wide fixed width keeps table rows unwrapped.
+PIPE_WIDTH = 200
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def verb_group(
+    subparsers: argparse._SubParsersAction, name: str, help: str = ""
+) -> argparse._SubParsersAction:
+    """The sub-verb table of group `name`, created on first use so several packages can add
+    verbs to one group (`node add` from ipam_blocks, `node status` from the agent)."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help, description=help)
+        parser.add_subparsers(dest=f"{name}_verb", metavar="VERB", required=True)
+    return _subparsers_of(parser)
+
+
+def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise ValueError(f"{parser.prog} is a verb, not a group")
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases repeat a parser
+                yield from _all_parsers(child)
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, root: bool) -> None:
+    # Below the root the defaults are SUPPRESSed: a verb's own default would otherwise
+    # overwrite a value given before the verb (`l3fabric --store X ipam show`).
+    default = argparse.SUPPRESS
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default=None if root else default,
+        help=f"sqlite:PATH, kube or kube:KUBECONFIG (default: ${STORE_ENV}, "
+        f"else {DEFAULT_STORE_URL})",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning" if root else default,
+        help="log verbosity on stderr (default: warning)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="l3fabric",
+        description="BGP-routed layer-3 pod network: IP pools, block IPAM, nodes, demo.",
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for module in VERB_MODULES:
+        importlib.import_module(module).register(subparsers)
+    for each in _all_parsers(parser):
+        _add_common_options(each, root=each is parser)
+    return parser
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """Appends the structured `extra` keys (op, node, block, ...) as key=value pairs."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = sorted((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
+        return super().format(record) + "".join(f" {k}={v}" for k, v in extras)
+
+
+_log_handler = logging.StreamHandler()  # stderr
+_log_handler.setFormatter(_KeyValueFormatter("%(levelname)s %(name)s: %(message)s"))
+
+
+def _setup_logging(level: str) -> None:
+    # Idempotent and additive: `main` also runs in-process (the demo, tests), where other
+    # handlers on the root logger must survive.
+    root = logging.getLogger()
+    if _log_handler not in root.handlers:
+        root.addHandler(_log_handler)
+    root.setLevel(level.upper())
+
+
+def make_console() -> Console:
+    """The console verbs print tables to. Markup is off: pod names are user data."""
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or PIPE_WIDTH)
+    return Console(width=width, markup=False, highlight=False, emoji=False)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except InvalidInput as e:
+        return _fail(f"{e.field}: {e.message}", EXIT_INVALID)
+    except StoreUnavailable as e:
+        return _fail(f"store unavailable: {e}", EXIT_UNAVAILABLE)
+    except L3FabricError as e:
+        return _fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
