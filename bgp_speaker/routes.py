@@ -7,7 +7,7 @@ IPAM's netaddr networks are converted once, where blocks become exports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -127,4 +127,3 @@ class KernelRoute:
     prefix: IPNet
     nexthops: tuple[NextHop, ...] = ()  # sorted, so equal sets compare equal
     blackhole: bool = False
-    metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
