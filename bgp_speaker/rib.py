@@ -1,0 +1,212 @@
+"""The routing information base (pure): Adj-RIB-In per peer, import policy, best path, ECMP.
+
+Every received route is kept, accepted or not, so a policy change (a pool added, a block
+claimed) re-evaluates what was already learned instead of waiting for a route refresh.
+Updates return the prefixes whose selection may have changed; the caller turns those into
+kernel routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from bgp_speaker.routes import (
+    IPAddr,
+    IPNet,
+    KernelRoute,
+    NextHop,
+    PathAttributes,
+    SessionSpec,
+)
+
+_ORIGIN_RANK = {"igp": 0, "egp": 1, "incomplete": 2}
+DEFAULT_LOCAL_PREF = 100
+
+
+@dataclass(frozen=True)
+class ImportPolicy:
+    """What a fabric peer may teach us (DESIGN §5)."""
+
+    pools: tuple[tuple[IPNet, int], ...] = ()
+    """Enabled pools with their block sizes."""
+    own_blocks: frozenset[IPNet] = frozenset()
+    router_id: IPv4Address | None = None
+    local_as: int = 0
+
+    def rejection(self, prefix: IPNet, attrs: PathAttributes, session: SessionSpec | None) -> str:
+        """Why the route is dropped, or "" when it is accepted."""
+        pool = next(
+            (
+                size
+                for net, size in self.pools
+                if net.version == prefix.version and prefix.subnet_of(net)
+            ),  # type: ignore[arg-type]
+            None,
+        )
+        if pool is None:
+            return "outside-pools"
+        if prefix.prefixlen < pool:
+            return "shorter-than-block"
+        if prefix in self.own_blocks:
+            return "own-block"
+        if self.router_id is not None and attrs.originator_id == self.router_id:
+            return "own-originator"
+        if self.router_id is not None and attrs.next_hop == self.router_id:
+            return "own-next-hop"
+        if session is not None and session.ebgp and self.local_as in attrs.as_path:
+            return "as-path-loop"
+        return ""
+
+
+@dataclass(frozen=True)
+class Path:
+    peer: IPAddr
+    attributes: PathAttributes
+    ebgp: bool
+
+    def rank(self) -> tuple[int, int, int, int, int]:
+        """Attributes that must tie for paths to share a route (ECMP); lower wins."""
+        a = self.attributes
+        return (
+            -(a.local_pref if a.local_pref is not None else DEFAULT_LOCAL_PREF),
+            len(a.as_path),
+            _ORIGIN_RANK.get(a.origin, 3),
+            a.med or 0,
+            0 if self.ebgp else 1,
+        )
+
+    def tiebreak(self) -> tuple[int, int, int]:
+        a = self.attributes
+        router = a.originator_id or self.peer
+        return (len(a.cluster_list), int(router), int(self.peer))
+
+
+@dataclass(frozen=True)
+class Selection:
+    best: Path
+    multipath: tuple[Path, ...]
+    """Every accepted path that ties with the best on rank; the best included."""
+
+
+@dataclass
+class PeerCounters:
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Announcements rejected by policy since the session came up, by reason."""
+
+
+class Rib:
+    def __init__(self, policy: ImportPolicy = ImportPolicy()) -> None:
+        self.policy = policy
+        self._paths: dict[IPNet, dict[IPAddr, PathAttributes]] = {}
+        self._by_peer: dict[IPAddr, set[IPNet]] = {}
+        self._sessions: dict[IPAddr, SessionSpec] = {}
+        self.counters: dict[IPAddr, PeerCounters] = {}
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def set_sessions(self, sessions: Iterable[SessionSpec]) -> set[IPNet]:
+        """Forget peers that are no longer wanted; returns prefixes that may have changed."""
+        self._sessions = {s.peer_ip: s for s in sessions}
+        affected: set[IPNet] = set()
+        for peer in list(self._by_peer):
+            if peer not in self._sessions:
+                affected |= self.drop_peer(peer)
+        return affected
+
+    def set_policy(self, policy: ImportPolicy) -> set[IPNet]:
+        if policy == self.policy:
+            return set()
+        self.policy = policy
+        return set(self._paths)
+
+    def announce(
+        self, peer: IPAddr, prefixes: Iterable[IPNet], attrs: PathAttributes
+    ) -> set[IPNet]:
+        held = self._by_peer.setdefault(peer, set())
+        counters = self.counters.setdefault(peer, PeerCounters())
+        session = self._sessions.get(peer)
+        affected = set()
+        for prefix in prefixes:
+            reason = self.policy.rejection(prefix, attrs, session)
+            if reason:
+                counters.dropped[reason] = counters.dropped.get(reason, 0) + 1
+            self._paths.setdefault(prefix, {})[peer] = attrs
+            held.add(prefix)
+            affected.add(prefix)
+        return affected
+
+    def withdraw(self, peer: IPAddr, prefixes: Iterable[IPNet]) -> set[IPNet]:
+        held = self._by_peer.get(peer, set())
+        affected = set()
+        for prefix in prefixes:
+            if prefix in held:
+                held.discard(prefix)
+                paths = self._paths[prefix]
+                del paths[peer]
+                if not paths:
+                    del self._paths[prefix]
+                affected.add(prefix)
+        return affected
+
+    def drop_peer(self, peer: IPAddr) -> set[IPNet]:
+        """The session went down: everything it taught us goes."""
+        held = self.withdraw(peer, list(self._by_peer.get(peer, ())))
+        self._by_peer.pop(peer, None)
+        self.counters.pop(peer, None)
+        return held
+
+    # --- outputs ----------------------------------------------------------------------------
+
+    def _accepted(self, prefix: IPNet) -> list[Path]:
+        out = []
+        for peer, attrs in self._paths.get(prefix, {}).items():
+            session = self._sessions.get(peer)
+            if not self.policy.rejection(prefix, attrs, session):
+                out.append(Path(peer, attrs, bool(session and session.ebgp)))
+        return out
+
+    def select(self, prefix: IPNet) -> Selection | None:
+        paths = self._accepted(prefix)
+        if not paths:
+            return None
+        best_rank = min(p.rank() for p in paths)
+        tied = sorted((p for p in paths if p.rank() == best_rank), key=Path.tiebreak)
+        return Selection(tied[0], tuple(tied))
+
+    def prefixes(self) -> list[IPNet]:
+        return list(self._paths)
+
+    def received(self, peer: IPAddr) -> int:
+        return len(self._by_peer.get(peer, ()))
+
+    def accepted(self, peer: IPAddr) -> int:
+        session = self._sessions.get(peer)
+        return sum(
+            1
+            for prefix in self._by_peer.get(peer, ())
+            if not self.policy.rejection(prefix, self._paths[prefix][peer], session)
+        )
+
+    def dropped_total(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counters in self.counters.values():
+            for reason, n in counters.dropped.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+
+def kernel_route(prefix: IPNet, selection: Selection) -> KernelRoute:
+    """Plain routes via the selected next hops (encapsulation decides otherwise later)."""
+    hops = sorted({NextHop(p.attributes.next_hop) for p in selection.multipath})
+    return KernelRoute(prefix, tuple(hops))
+
+
+def desired_routes(rib: Rib, prefixes: Iterable[IPNet]) -> dict[IPNet, KernelRoute | None]:
+    """Kernel routes for the given prefixes; None where the prefix should have no route."""
+    out: dict[IPNet, KernelRoute | None] = {}
+    for prefix in prefixes:
+        selection = rib.select(prefix)
+        out[prefix] = kernel_route(prefix, selection) if selection else None
+    return out
