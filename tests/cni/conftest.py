@@ -1,0 +1,3 @@
+from tests.agent.harness import agent, node
+
+__all__ = ["agent", "node"]
