@@ -58,6 +58,7 @@ class SqliteStore:
         except OSError as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e.strerror}") from e
         self._local = threading.local()
+        self._thread_lock = threading.Lock()
         with self._write() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
@@ -84,6 +85,8 @@ class SqliteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
+        # flock excludes other processes only: threads share this descriptor's lock.
+        self._thread_lock.acquire()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -97,6 +100,7 @@ class SqliteStore:
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._thread_lock.release()
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> int:
