@@ -1,10 +1,11 @@
 """The node agent: one long-running process per node that owns everything node-local.
 
-Today it serves the CNI verbs (`pods`) and a little introspection over the local socket
-(`api`); the BGP speaker, RIB and FIB will join the same event loop. This module only wires
-the parts together and runs them until SIGTERM/SIGINT, on which it stops accepting, lets
-running requests finish and exits 0. Pods keep working: the agent never tears down veths
-or routes on shutdown — the kernel keeps forwarding while it is away.
+It serves the CNI verbs (`pods`) and introspection over the local socket (`api`), and runs
+the routing half (`routing`: ExaBGP, RIB, FIB) on the same event loop. This module only
+wires the parts together and runs them until SIGTERM/SIGINT, on which it stops accepting,
+lets running requests finish and exits 0. Pods keep working: the agent never tears down
+veths or routes on shutdown — the kernel keeps forwarding while it is away, and the next
+start adopts the routes it finds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bgp_speaker.api import ApiServer
+from bgp_speaker.metrics import AgentCollector, serve_metrics
 from bgp_speaker.pods import HostDataplane, PodNetwork
+from bgp_speaker.routing_main import RoutingHolder, run_routing
 from bgp_speaker.workloads import WorkloadRecords, open_records_store
 from cni import dataplane
 from cni.protocol import DEFAULT_SOCKET
@@ -52,6 +55,12 @@ class AgentSettings:
     """Network namespace that plays the host (labs and tests); None: the agent's own."""
     shutdown_grace: float = 30.0
     """Seconds running requests get to finish on SIGTERM."""
+    bgp: bool = True
+    """Run the routing half (ExaBGP, RIB, FIB)."""
+    metrics_port: int = 0
+    """Prometheus metrics port; 0 serves none."""
+    metrics_address: str = "0.0.0.0"
+    """Address the metrics endpoint listens on."""
 
     def __post_init__(self) -> None:
         check_object_name(self.node, "node")
@@ -89,11 +98,27 @@ async def _serve(settings: AgentSettings) -> int:
     def workloads_list(_: dict[str, Any]) -> dict[str, Any]:
         return {"workloads": [_describe(w) for w in records.on_node()]}
 
+    routing = RoutingHolder(settings.node)
+
+    def node_status(_: dict[str, Any]) -> dict[str, Any]:
+        return routing.status()
+
     server = ApiServer(
         settings.socket_path,
-        {**pods.ops(), "agent.status": agent_status, "workloads.list": workloads_list},
+        {
+            **pods.ops(),
+            "agent.status": agent_status,
+            "workloads.list": workloads_list,
+            "node.status": node_status,
+        },
         workers=settings.workers,
     )
+    if settings.metrics_port:
+        serve_metrics(
+            settings.metrics_port,
+            settings.metrics_address,
+            AgentCollector(routing.status, lambda: len(records.on_node())),
+        )
     fields = {"op": "agent", "node": settings.node}
     await asyncio.to_thread(_prepare_host, ipam, settings)
     await server.start()
@@ -102,10 +127,17 @@ async def _serve(settings: AgentSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("agent started", extra={**fields, "socket": str(settings.socket_path)})
+    routing_task = (
+        asyncio.create_task(run_routing(settings.node, store, settings, routing, stop))
+        if settings.bgp
+        else None
+    )
     try:
         await stop.wait()
         log.info("agent stopping", extra={**fields, "in_flight": server.in_flight})
         await server.shutdown(settings.shutdown_grace)
+        if routing_task is not None:
+            await routing_task
     finally:
         for closable in {id(store): store, id(records_store): records_store}.values():
             with contextlib.suppress(Exception):

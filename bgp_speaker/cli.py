@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bgp_speaker.agent import DEFAULT_MTU, DEFAULT_STATE_DIR, AgentSettings, run
-from cni.protocol import DEFAULT_SOCKET
+from bgp_speaker.status import render_node_status
+from cni.protocol import DEFAULT_SOCKET, AgentUnreachable, call
+from ipam_blocks.errors import L3FabricError
 from ipam_blocks.store import default_store_url
+from l3fabric.cli import make_console, verb_group
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +43,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="network namespace to treat as the host (labs, tests); default: the agent's own",
     )
+    agent.add_argument(
+        "--no-bgp", dest="bgp", action="store_false", help="serve CNI only: no ExaBGP, no routes"
+    )
+    agent.add_argument(
+        "--metrics-port", type=int, default=0, help="Prometheus metrics port (default: off)"
+    )
+    agent.add_argument("--metrics-address", default="0.0.0.0", help="(default: 0.0.0.0)")
     agent.set_defaults(handler=_agent)
+
+    status = verb_group(subparsers, "node", "nodes: records and BGP status").add_parser(
+        "status",
+        help="BGP sessions of this node's agent",
+        description="The agent's BGP peers (address, type, state, since, prefixes received, "
+        "accepted and advertised), like `calicoctl node status`.",
+    )
+    status.add_argument(
+        "--socket", default=DEFAULT_SOCKET, metavar="PATH", help=f"(default: {DEFAULT_SOCKET})"
+    )
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.set_defaults(handler=_node_status)
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -52,5 +75,24 @@ def _agent(args: argparse.Namespace) -> int:
             mtu=args.mtu,
             workers=args.workers,
             host_netns=args.host_netns,
+            bgp=args.bgp,
+            metrics_port=args.metrics_port,
+            metrics_address=args.metrics_address,
         )
     )
+
+
+class AgentNotRunning(L3FabricError):
+    """No agent answers on the socket."""
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    try:
+        status = call(args.socket, "node.status", {}, timeout=10)
+    except AgentUnreachable as err:
+        raise AgentNotRunning(f"no agent answers: {err}") from None
+    if args.output == "json":
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        make_console().print(render_node_status(status))
+    return 0

@@ -1,0 +1,55 @@
+"""`node status`: the agent's view of its BGP sessions, rendered like `calicoctl node status`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+
+def _since(timestamp: float, now: float) -> str:
+    if not timestamp:
+        return "-"
+    seconds = int(now - timestamp)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def render_node_status(status: dict[str, Any], now: float | None = None) -> RenderableType:
+    now = time.time() if now is None else now
+    header = Text(
+        f"l3fabric agent is running on node {status['node']} "
+        f"(router id {status.get('router_id') or '-'})"
+    )
+    table = Table(title="IPv4 BGP status", title_justify="left")
+    for column in ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE"):
+        table.add_column(column)
+    for column in ("RECEIVED", "ACCEPTED", "ADVERTISED"):
+        table.add_column(column, justify="right")
+    table.add_column("INFO")
+    for peer in status["peers"]:
+        table.add_row(
+            peer["address"],
+            peer["type"],
+            peer["state"],
+            _since(peer["since"], now),
+            str(peer["received"]),
+            str(peer["accepted"]),
+            str(peer["advertised"]),
+            peer.get("reason", ""),
+        )
+    dropped = status.get("dropped_by_policy") or {}
+    footer = Text(
+        f"exported prefixes: {len(status['exported'])}   "
+        f"kernel routes: {status['routes_installed']}   "
+        f"dropped by policy: {sum(dropped.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else "")
+        + f"   ExaBGP restarts: {status['speaker_restarts']}"
+    )
+    return Group(header, table, footer)
