@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 from pyroute2 import IPRoute, NetlinkError
 
+from bgp_speaker.routes import PROTO_WORKLOAD
 from cni.netns import NetnsUnavailable, open_netns, run_in_netns
 from ipam_blocks.errors import InvalidInput, L3FabricError
 
@@ -81,10 +82,9 @@ GATEWAY = IPAddress("169.254.1.1")
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 # EUI-64 link-local of HOST_VETH_MAC (U/L bit of 0xee flipped -> 0xec, ff:fe in the middle).
 GATEWAY_V6 = IPAddress("fe80::ecee:eeff:feee:eeee")
-# rtnetlink protocol of our host /32 routes: 76 is 'L', listed neither in linux/rtnetlink.h
-# nor in /etc/iproute2/rt_protos{,.d} (FRR uses 186-197, BIRD 12). Lets GC and `ip route
-# show proto 76` tell our pod routes from BGP-learned and admin routes.
-ROUTE_PROTOCOL = 76
+# rtnetlink protocol of our host /32 routes (76, 'L': unused by the kernel headers, iproute2,
+# FRR and BIRD). Lets GC and `ip route show proto 76` tell pod routes from BGP-learned ones.
+ROUTE_PROTOCOL = PROTO_WORKLOAD
 
 IFNAMSIZ = 16  # kernel limit including the NUL: names are at most 15 characters
 IFF_UP = 0x1
