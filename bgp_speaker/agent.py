@@ -28,7 +28,7 @@ from cni import dataplane
 from cni.protocol import DEFAULT_SOCKET
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import InvalidInput, L3FabricError
-from ipam_blocks.model import Workload, check_object_name
+from ipam_blocks.model import check_object_name, render_workload
 from ipam_blocks.store import open_store
 
 log = logging.getLogger("l3fabric.agent")
@@ -96,7 +96,7 @@ async def _serve(settings: AgentSettings) -> int:
         }
 
     def workloads_list(_: dict[str, Any]) -> dict[str, Any]:
-        return {"workloads": [_describe(w) for w in records.on_node()]}
+        return {"workloads": [dict(render_workload(w).spec) for w in records.on_node()]}
 
     routing = RoutingHolder(settings.node)
 
@@ -159,14 +159,3 @@ def _prepare_host(ipam: IPAM, settings: AgentSettings) -> None:
     except L3FabricError as err:
         log.warning("node not usable yet", extra={**fields, "reason": str(err)})
 
-
-def _describe(w: Workload) -> dict[str, Any]:
-    return {
-        "handle": w.handle_id,
-        "namespace": w.namespace,
-        "pod": w.pod,
-        "containerID": w.container_id,
-        "ifname": w.ifname,
-        "netns": w.netns,
-        "addresses": list(w.addresses),
-    }

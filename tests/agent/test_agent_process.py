@@ -45,7 +45,8 @@ def test_status_and_workloads(node: NodeHarness, agent) -> None:
     result = node.add(c)
     [w] = agent.call("workloads.list")["workloads"]
     assert w == {
-        "handle": f"l3fabric.{c.container_id}",
+        "handleID": f"l3fabric.{c.container_id}",
+        "node": "node-a",
         "namespace": "default",
         "pod": "listed",
         "containerID": c.container_id,
