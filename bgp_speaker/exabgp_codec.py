@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -64,6 +64,7 @@ __all__ = [
     "RelayDropped",
     "RelayHello",
     "acked_in_order",
+    "group_by_attributes",
     "parse_line",
     "render_announce",
     "render_clear_adj_rib_out",
@@ -406,7 +407,7 @@ def validate_command(command: str) -> str:
     for kind, pattern in _GRAMMAR.items():
         match = pattern.fullmatch(command)
         if match is not None:
-            _check_values(kind, match, command)
+            _check_values(match, command)
             return kind
     raise InvalidCommand(f"not a command l3fabric sends: {command[:200]!r}")
 
@@ -420,19 +421,17 @@ def acked_in_order(command: str) -> bool:
     return validate_command(command) in _IN_ORDER
 
 
-def _check_values(kind: str, match: re.Match[str], command: str) -> None:
+def _check_values(match: re.Match[str], command: str) -> None:
+    # The grammar pins the shape; these are the values a regular expression cannot check.
     groups = match.groupdict()
     try:
-        if groups.get("peer"):
-            ip_address(groups["peer"])
-        if groups.get("nh") and groups["nh"] != "self":
-            ip_address(groups["nh"])
-        for name in ("oid",):
-            if groups.get(name):
-                IPv4Address(groups[name])
-        for name in ("clist",):
-            for value in (groups.get(name) or "").split():
-                IPv4Address(value)
+        for name in ("peer", "nh"):
+            if groups.get(name) and groups[name] != "self":
+                ip_address(groups[name])
+        if groups.get("oid"):
+            IPv4Address(groups["oid"])
+        for value in (groups.get("clist") or "").split():
+            IPv4Address(value)
     except ValueError as err:
         raise InvalidCommand(f"{err}: {command[:200]!r}") from None
     for name in ("lp", "med"):
@@ -469,9 +468,3 @@ def group_by_attributes(
     for prefix, attributes in routes:
         groups.setdefault(attributes, []).append(prefix)
     return groups
-
-
-def prefixes_in(command: str) -> Sequence[str]:
-    """The prefixes a validated announce/withdraw command carries (for logs and counts)."""
-    _, _, nlri = command.partition(" nlri ")
-    return nlri.split(" ") if nlri else ()

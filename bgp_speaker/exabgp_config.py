@@ -42,7 +42,7 @@ BGP_PORT = 179
 MAX_HOLD_TIME = 65535
 
 # A token ExaBGP's tokeniser reads back unchanged without quotes.
-_BARE_TOKEN = re.compile(r"[A-Za-z0-9_./:=@+%,-]+")
+_BARE_TOKEN = re.compile(r"[A-Za-z0-9_./:=@+%-]+")  # no "," "[" "]" ";" "{" "}" "#"
 # Inside double quotes ExaBGP's tokeniser keeps everything but a double quote, a single
 # quote (it starts a new quoted string even inside "..."), a backslash (unescaped before
 # tokenising) and line breaks.

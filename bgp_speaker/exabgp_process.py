@@ -16,6 +16,8 @@ How it works, and why:
   then starts ExaBGP or makes it reload (rewrite + SIGUSR1). ExaBGP silently *drops* a
   SIGUSR1 that arrives while it still has routes queued for a peer, so a reload only counts
   once ExaBGP logs "loaded new configuration successfully"; until then it is re-signalled.
+  (A SIGUSR1 before ExaBGP installed its handlers would kill it: a new ExaBGP is signalled
+  only after its relay connected, which ExaBGP starts after that.)
 - ExaBGP runs in its own session (``start_new_session``) inside ``netns`` (forked from a
   thread that entered the namespace, so nothing else changes namespace). A pidfd tells the
   supervisor the moment it exits; it is restarted with capped exponential backoff, reset
@@ -34,12 +36,19 @@ How it works, and why:
   (it re-sends routes, never the withdrawals). The speaker then restarts ExaBGP with
   SIGKILL — no NOTIFICATION, so graceful-restart peers keep our routes — and the agent
   resynchronises on ``SpeakerRestarted`` exactly as after a crash.
+
+What the agent does: ``start``; ``set_sessions`` whenever the desired sessions change;
+``announce``/``withdraw`` its exports and ``reflect`` (RR only) as they change; on every
+``PeerStateChanged(UP)``, once its exports are announced, ``send_eor(peer)`` (sessions use
+``manual-eor``: ExaBGP never sends an End-of-RIB by itself); on ``SpeakerRestarted`` treat
+every session as new (the speaker has already replayed the exports); ``stop`` at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -94,9 +103,11 @@ log = logging.getLogger("l3fabric.bgp.exabgp")
 
 RELAY_SCRIPT = Path(__file__).resolve().with_name("exabgp_relay.py")
 LINE_LIMIT = 64 * 1024 * 1024  # one JSON line per UPDATE; extended messages make them big
+LOG_PIPE_SIZE = 1024 * 1024  # Linux's default pipe-max-size
 MAX_UNIX_PATH = 107
 RELOAD_OK = "loaded new configuration successfully"
 RELOAD_FAILED = "could not load/reload configuration"
+RESIGNAL_EVERY = 1.0  # seconds between SIGUSR1s until ExaBGP confirms a reload
 _END = object()
 
 
@@ -165,7 +176,9 @@ class _Instance:
     reloads_ok: int = 0
     reloads_failed: int = 0
     log_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    hello: asyncio.Event = field(default_factory=asyncio.Event)  # its relay connected
     had_connection: bool = False
+    killed: bool = False  # by us, on purpose
 
 
 class ExaBGPSpeaker:
@@ -185,8 +198,7 @@ class ExaBGPSpeaker:
         backoff_max: float = 30.0,
         stable_after: float = 60.0,
         start_timeout: float = 20.0,
-        reload_timeout: float = 3.0,
-        reload_attempts: int = 10,
+        reload_wait: float = 90.0,
         command_timeout: float = 60.0,
         window: int = 8,
         relay_buffer: int = DEFAULT_MAX_BUFFER,
@@ -198,6 +210,9 @@ class ExaBGPSpeaker:
         ``exabgp`` is the command that runs ExaBGP (default: ``exabgp`` on PATH, else
         ``python -m exabgp``). ``window`` bounds commands awaiting their ack. ``api_tap``
         sees every raw line from the relay (debugging, capturing samples for tests).
+        ``reload_wait`` bounds how long set_sessions re-signals a reload ExaBGP defers.
+        Restarts back off from ``backoff_initial`` doubling to ``backoff_max``, reset once
+        an ExaBGP has run ``stable_after`` seconds.
         """
         self.workdir = Path(workdir).resolve()
         self.router_id = router_id
@@ -220,15 +235,15 @@ class ExaBGPSpeaker:
         ]  # fmt: skip
         self._backoff = (backoff_initial, backoff_max, stable_after)
         self._start_timeout = start_timeout
-        self._reload_timeout = reload_timeout
-        self._reload_attempts = reload_attempts
+        self._reload_wait = reload_wait
         self._command_timeout = command_timeout
         self._window = max(1, window)
         self._env_extra = dict(env_extra or {})
         self._api_tap = api_tap
 
-        self._sessions: tuple[SessionSpec, ...] = ()
-        self._rendered: str | None = None
+        self._sessions: tuple[SessionSpec, ...] = ()  # desired
+        self._applied: tuple[SessionSpec, ...] = ()  # confirmed by ExaBGP
+        self._rendered: str | None = None  # the text ExaBGP runs with, once confirmed
         self._env: dict[str, str] | None = None
         self._exports: dict[IPNet, OutgoingAttributes] = {}
         self._reflected: dict[IPAddr, dict[IPNet, OutgoingAttributes]] = {}
@@ -243,11 +258,11 @@ class ExaBGPSpeaker:
         self._generation = 0
         self._ever_ready = False
         self._restart_reason = ""
-        self._intentional_restart = False
         self._server: asyncio.AbstractServer | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._wake_supervisor = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._relay_pids: set[int] = set()
         self._started = False
         self._stopping = False
 
@@ -292,7 +307,7 @@ class ExaBGPSpeaker:
                 await instance.exited
         if self._supervisor is not None:
             await self._supervisor
-        await self._reap_relay()
+        await self._reap_relays()
         if self._conn is not None:
             self._conn.close("speaker stopped")
         if self._server is not None:
@@ -342,7 +357,9 @@ class ExaBGPSpeaker:
 
         Unchanged sessions stay up. Raises ConfigRejected (nothing touched) for a desired
         state ExaBGP would refuse, SpeakerUnavailable if ExaBGP does not come up or confirm
-        the reload in time.
+        the reload within ``reload_wait``. Usually returns in well under a second; while an
+        active neighbour is down with routes queued for it, ExaBGP defers reloads until its
+        next connection attempt (up to ~60 s). Announcements are not held up meanwhile.
         """
         if not self._started or self._stopping:
             raise RuntimeError("speaker not running")
@@ -365,14 +382,15 @@ class ExaBGPSpeaker:
             if text == self._rendered and env == self._env and running:
                 return False
             await self._validate(text, env)
-            previous = self._sessions
             self.config_path.with_suffix(".new").replace(self.config_path)
-            self._rendered = text
-            async with self._cmd_lock:
-                self._sessions = wanted
-                peers = {s.peer_ip for s in wanted}
-                for peer in [p for p in self._reflected if p not in peers]:
-                    del self._reflected[peer]
+            # Until ExaBGP confirms, the file and ExaBGP may differ: never skip a retry.
+            self._rendered = None
+            # No lock needed: nothing awaits between reading these and acting on them, and
+            # taking _cmd_lock would wait behind a whole flood of announcements.
+            self._sessions = wanted
+            peers = {s.peer_ip for s in wanted}
+            for peer in [p for p in self._reflected if p not in peers]:
+                del self._reflected[peer]
             log.info(
                 "sessions configured",
                 extra={"op": "set_sessions", "sessions": len(wanted), "running": running},
@@ -387,8 +405,10 @@ class ExaBGPSpeaker:
                 await self.wait_ready(self._start_timeout)
             elif running:
                 await self._reload(instance)  # type: ignore[arg-type]
-                await self._replay_to_new(previous, wanted)
+                await self._replay_to_new(self._applied, wanted)
             # else: ExaBGP is between a crash and its restart, which reads the new file.
+            self._applied = wanted
+            self._rendered = text
             return True
 
     async def _validate(self, text: str, env: dict[str, str]) -> None:
@@ -409,15 +429,35 @@ class ExaBGPSpeaker:
             raise ConfigRejected("exabgp validate: " + " | ".join(reason))
 
     async def _reload(self, instance: _Instance) -> None:
-        for attempt in range(1, self._reload_attempts + 1):
+        # A SIGUSR1 that lands before ExaBGP installed its handlers kills it. Its relay
+        # starts after that, so the relay's hello says signals are safe.
+        if not instance.hello.is_set():
+            hello = asyncio.ensure_future(instance.hello.wait())
+            await asyncio.wait(
+                {hello, instance.exited},
+                timeout=self._start_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            hello.cancel()
+            if instance.exited.done():
+                return  # its successor reads the new file
+            if not instance.hello.is_set():
+                raise SpeakerUnavailable("ExaBGP did not start its API process")
+        # ExaBGP drops a SIGUSR1 while any active neighbour has routes queued, and a down
+        # neighbour's queue only empties at its next connection attempt (backoff up to
+        # 60 s): keep signalling until ExaBGP logs the reload.
+        deadline = time.monotonic() + self._reload_wait
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
             if instance.exited.done():
                 return  # its successor reads the new file
             ok, failed = instance.reloads_ok, instance.reloads_failed
             instance.log_changed.clear()
             instance.proc.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + self._reload_timeout
+            until = min(deadline, time.monotonic() + RESIGNAL_EVERY)
             while instance.reloads_ok == ok and instance.reloads_failed == failed:
-                remaining = deadline - time.monotonic()
+                remaining = until - time.monotonic()
                 if remaining <= 0 or instance.exited.done():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -427,11 +467,12 @@ class ExaBGPSpeaker:
                 tail = " | ".join(list(instance.log_tail)[-4:])
                 raise ConfigRejected(f"ExaBGP refused the reload: {tail}")
             if instance.reloads_ok != ok:
-                log.info("reloaded", extra={"op": "reload", "attempt": attempt})
+                log.info("reloaded", extra={"op": "reload", "attempts": attempt})
                 return
-            log.warning("reload not confirmed, signalling again",
-                        extra={"op": "reload", "attempt": attempt})  # fmt: skip
-        raise SpeakerUnavailable("ExaBGP did not confirm the reload")
+            if attempt == 3:
+                log.warning("ExaBGP defers the reload (routes queued for a peer), re-signalling",
+                            extra={"op": "reload", "attempts": attempt})  # fmt: skip
+        raise SpeakerUnavailable(f"ExaBGP did not reload within {self._reload_wait} s")
 
     async def _replay_to_new(
         self, previous: Sequence[SessionSpec], wanted: Sequence[SessionSpec]
@@ -445,11 +486,15 @@ class ExaBGPSpeaker:
             conn = self._api
             if conn is None:
                 return  # not ready: the replay on ready covers every neighbour
-            for peer in new_peers:
-                # A neighbour removed earlier and now back gets its old adj-RIB-out back
-                # from ExaBGP's cache: clear it before replaying the current state.
-                futures.append(await self._enqueue(conn, render_clear_adj_rib_out(peer)))
-                for line in self._replay_lines(peer):
+            # A neighbour removed earlier and now back gets its old adj-RIB-out back from
+            # ExaBGP's cache: clear it before replaying the current state.
+            lines = [
+                line
+                for peer in new_peers
+                for line in (render_clear_adj_rib_out(peer), *self._replay_lines(peer))
+            ]
+            with contextlib.suppress(SpeakerUnavailable):  # gone: its successor replays all
+                for line in lines:
                     futures.append(await self._enqueue(conn, line))
         await self._settle(futures, tolerate_restart=True)
 
@@ -531,8 +576,9 @@ class ExaBGPSpeaker:
             conn = self._api
             if conn is None or not self._sessions:
                 return  # recorded: replayed when ExaBGP (re)starts or a session is added
-            for line in lines:
-                futures.append(await self._enqueue(conn, line))
+            with contextlib.suppress(SpeakerUnavailable):  # ExaBGP is gone: the same
+                for line in lines:  # record is replayed to its successor
+                    futures.append(await self._enqueue(conn, line))
         await self._settle(futures, tolerate_restart=True)
 
     async def send_eor(self, peer: IPAddr | None = None, afi: int = 4) -> None:
@@ -646,9 +692,12 @@ class ExaBGPSpeaker:
                 self._events.put_nowait(event)
         elif isinstance(parsed, RelayHello):
             conn.relay_pid = parsed.pid
+            self._relay_pids.add(parsed.pid)
             self._on_hello(conn)
         elif isinstance(parsed, RelayDropped):
-            log.error("relay dropped ExaBGP output", extra={"op": "api_in", "lines": parsed.lines})
+            instance = self._instance
+            if instance is not None and not instance.killed:
+                log.error("relay dropped output", extra={"op": "api_in", "lines": parsed.lines})
             self._request_restart(f"relay dropped {parsed.lines} lines of ExaBGP output")
         elif isinstance(parsed, Output) and parsed.text:
             log.debug("exabgp api output", extra={"op": "api_in", "text": parsed.text[:200]})
@@ -662,29 +711,32 @@ class ExaBGPSpeaker:
             self._request_restart("relay reconnected, output may be lost")
             return
         instance.had_connection = True
+        instance.hello.set()
         if self._ever_ready:
             # Queued before anything the new ExaBGP reports, so the agent sees it first.
             self._events.put_nowait(SpeakerRestarted(self._restart_reason or "restarted"))
         self._spawn_task(self._become_ready(conn, instance))
 
     async def _become_ready(self, conn: _Connection, instance: _Instance) -> None:
-        futures: list[_Sent] = []
+        sent: list[_Sent] = []
+        ready = False
         async with self._cmd_lock:
             if conn.closed or instance.exited.done():
                 return
             lines = self._replay_lines(None) if self._sessions else []
-            try:
+            with contextlib.suppress(SpeakerUnavailable):  # gone already: its successor replays
                 for line in lines:
-                    futures.append(await self._enqueue(conn, line))
-            except SpeakerUnavailable:
-                return
-            self._api = conn
-            self._ever_ready = True
-            self._ready.set()
-        log.info("ExaBGP ready", extra={"op": "exabgp_ready", "pid": instance.proc.pid,
-                                         "replayed": len(lines)})  # fmt: skip
+                    sent.append(await self._enqueue(conn, line))
+                ready = True
+            if ready:
+                self._api = conn
+                self._ever_ready = True
+                self._ready.set()
+        if ready:
+            log.info("ExaBGP ready", extra={"op": "exabgp_ready", "pid": instance.proc.pid,
+                                             "replayed": len(lines)})  # fmt: skip
         try:
-            await self._settle(futures, tolerate_restart=True)
+            await self._settle(sent, tolerate_restart=True)
         except SpeakerError as err:
             log.error("replay failed", extra={"op": "replay", "reason": str(err)})
 
@@ -705,9 +757,8 @@ class ExaBGPSpeaker:
                 lived = time.monotonic() - instance.started
                 if self._stopping:
                     break
-                if self._intentional_restart:
-                    self._intentional_restart = False
-                    delay = 0.0
+                if instance.killed:
+                    delay = 0.0  # a restart we asked for: no backoff
                 else:
                     failures = 0 if lived >= stable_after else failures
                     delay = min(initial * 2**failures, cap)
@@ -743,6 +794,10 @@ class ExaBGPSpeaker:
                 return run_in_netns(fd, popen)
 
         proc = await asyncio.to_thread(popen_in_netns)
+        assert proc.stdout is not None
+        # ExaBGP's log writes block like its API writes: give a stalled agent more slack.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, LOG_PIPE_SIZE)
         loop = asyncio.get_running_loop()
         instance = _Instance(proc, self._generation, time.monotonic(), loop.create_future())
         self._instance = instance
@@ -799,36 +854,36 @@ class ExaBGPSpeaker:
 
     def _request_restart(self, reason: str) -> None:
         instance = self._instance
-        if self._stopping or instance is None or instance.exited.done():
+        if self._stopping or instance is None or instance.exited.done() or instance.killed:
             return
+        instance.killed = True
         log.warning("restarting ExaBGP", extra={"op": "exabgp_restart", "reason": reason})
         self._restart_reason = reason
-        self._intentional_restart = True
         if self._api is not None:
             self._api = None
             self._ready.clear()
         # SIGKILL: no NOTIFICATION goes out, so graceful-restart peers keep our routes.
         instance.proc.send_signal(signal.SIGKILL)
 
-    async def _reap_relay(self) -> None:
-        # The relay exits when ExaBGP's pipe closes; make sure, by its pid, that it did.
-        conn = self._conn
-        pid = conn.relay_pid if conn is not None else 0
+    async def _reap_relays(self) -> None:
+        # A relay exits when ExaBGP's pipe closes; make sure, by pid, that every one did.
+        # The cmdline check keeps a recycled pid safe.
+        ours = str(self.socket_path).encode()
         deadline = time.monotonic() + 2
-        while pid and _alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if pid and _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in sorted(self._relay_pids):
+            while _alive(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if _alive(pid) and ours in _cmdline(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _kill_stale(self) -> None:
         """An ExaBGP left behind by a previous agent on this workdir would hold port 179."""
         try:
             pid = int(self.pid_path.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return
-        if str(self.config_path).encode() in cmdline:
+        if str(self.config_path).encode() in _cmdline(pid).split(b"\0"):
             log.warning("killing a stale ExaBGP", extra={"op": "exabgp_stale", "pid": pid})
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -848,6 +903,13 @@ class ExaBGPSpeaker:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _alive(pid: int) -> bool:

@@ -50,7 +50,7 @@ class Relay:
         self.out: deque[bytes] = deque()
         self.out_bytes = 0
         self.partial = b""
-        self.sending = b""  # the part of the current line the socket has not taken yet
+        self.sending = b""  # taken from `out`, not yet accepted by the socket
         self.dropped = 0  # lines lost since the last marker
         # agent -> ExaBGP
         self.cmds = bytearray()
@@ -159,7 +159,7 @@ class Relay:
         self.retry_delay = RETRY_MIN
         # Whatever was half-sent on a previous connection is lost with it.
         if self.sending:
-            self.dropped += 1
+            self.dropped += max(1, self.sending.count(b"\n"))
             self.out_bytes -= len(self.sending)
             self.sending = b""
         hello = b'{"l3fabric-relay": "hello", "pid": %d}\n' % os.getpid()
