@@ -102,6 +102,7 @@ class Rib:
         self._paths: dict[IPNet, dict[IPAddr, PathAttributes]] = {}
         self._by_peer: dict[IPAddr, set[IPNet]] = {}
         self._sessions: dict[IPAddr, SessionSpec] = {}
+        self._stale: dict[IPAddr, set[IPNet]] = {}
         self.counters: dict[IPAddr, PeerCounters] = {}
 
     # --- inputs -----------------------------------------------------------------------------
@@ -127,8 +128,11 @@ class Rib:
         held = self._by_peer.setdefault(peer, set())
         counters = self.counters.setdefault(peer, PeerCounters())
         session = self._sessions.get(peer)
+        stale = self._stale.get(peer)
         affected = set()
         for prefix in prefixes:
+            if stale:
+                stale.discard(prefix)  # learned again: no longer stale
             reason = self.policy.rejection(prefix, attrs, session)
             if reason:
                 counters.dropped[reason] = counters.dropped.get(reason, 0) + 1
@@ -154,8 +158,26 @@ class Rib:
         """The session went down: everything it taught us goes."""
         held = self.withdraw(peer, list(self._by_peer.get(peer, ())))
         self._by_peer.pop(peer, None)
+        self._stale.pop(peer, None)
         self.counters.pop(peer, None)
         return held
+
+    def mark_stale(self, peer: IPAddr) -> None:
+        """Graceful restart, receiving side (RFC 4724 §4.2): the session went down but the
+        peer restarts; keep what it taught us, marked stale, so forwarding goes on. What it
+        does not announce again is removed by `sweep_stale` (at its End-of-RIB, or when its
+        restart time runs out). Selections do not change."""
+        held = self._by_peer.get(peer)
+        if held:
+            self._stale.setdefault(peer, set()).update(held)
+        self.counters.pop(peer, None)
+
+    def sweep_stale(self, peer: IPAddr) -> set[IPNet]:
+        """Remove the peer's routes still stale; returns prefixes that may have changed."""
+        return self.withdraw(peer, list(self._stale.pop(peer, ())))
+
+    def stale(self, peer: IPAddr) -> int:
+        return len(self._stale.get(peer, ()))
 
     # --- outputs ----------------------------------------------------------------------------
 

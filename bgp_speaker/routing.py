@@ -108,6 +108,8 @@ class RoutingController:
         self.peer_state: dict[IPAddr, tuple[SessionState, float, str]] = {}
         self.eor_seen: set[IPAddr] = set()
         self.speaker_restarts = 0
+        self._stale_episode: dict[IPAddr, int] = {}
+        self._fib_lock = asyncio.Lock()  # a Fib is used from one thread at a time
         self._initial_sync_timeout = initial_sync_timeout
         self._synced = asyncio.Event()
         self._changed = asyncio.Event()
@@ -175,6 +177,10 @@ class RoutingController:
 
     async def _program(self, prefixes: set[IPNet]) -> None:
         """Bring the kernel in line with the RIB for these prefixes."""
+        async with self._fib_lock:
+            await self._program_locked(prefixes)
+
+    async def _program_locked(self, prefixes: set[IPNet]) -> None:
         upserts: list[KernelRoute] = []
         removes: list[IPNet] = []
         for prefix in prefixes:
@@ -196,11 +202,12 @@ class RoutingController:
             self.installed.pop(prefix, None)
 
     async def _full_sync(self) -> None:
-        desired = {p: r for p in self.rib.prefixes() if (r := self._wanted_route(p))}
-        if self.desired:
-            desired.update(blackhole_routes(self.desired.exports))
-        changed, removed = await asyncio.to_thread(self.fib.reconcile, desired)
-        self.installed = desired
+        async with self._fib_lock:
+            desired = {p: r for p in self.rib.prefixes() if (r := self._wanted_route(p))}
+            if self.desired:
+                desired.update(blackhole_routes(self.desired.exports))
+            changed, removed = await asyncio.to_thread(self.fib.reconcile, desired)
+            self.installed = desired
         self._synced.set()
         log.info("kernel reconciled", extra={"op": "fib", "changed": changed, "removed": removed})
 
@@ -224,11 +231,12 @@ class RoutingController:
                 return self.rib.withdraw(peer, prefixes)
             case EndOfRib(peer):
                 self.eor_seen.add(peer)
+                return self.rib.sweep_stale(peer)
             case PeerStateChanged(peer, state, reason):
                 self.peer_state[peer] = (state, time.time(), reason)
                 if state is SessionState.DOWN:
                     self.eor_seen.discard(peer)
-                    return self.rib.drop_peer(peer)
+                    return self._session_lost(peer, reason)
                 if state is SessionState.UP:
                     self._spawn(self._after_session_up(peer))
             case SpeakerRestarted(reason):
@@ -237,10 +245,35 @@ class RoutingController:
                 affected: set[IPNet] = set()
                 for peer in list(self.peer_state):
                     self.peer_state[peer] = (SessionState.DOWN, time.time(), "speaker restart")
-                    affected |= self.rib.drop_peer(peer)
+                    affected |= self._session_lost(peer, "speaker restart")
                 self.eor_seen.clear()
                 return affected
         return set()
+
+    def _session_lost(self, peer: IPAddr, reason: str) -> set[IPNet]:
+        """A session is gone. With graceful restart (DESIGN §5) the peer's routes stay, stale,
+        until it is back and sends End-of-RIB, or its restart time runs out; a peer that
+        closed the session with a NOTIFICATION (a Cease: it is leaving) is dropped at once."""
+        spec = next(
+            (s for s in self.desired.sessions if s.peer_ip == peer), None
+        ) if self.desired else None  # fmt: skip
+        restart = spec.graceful_restart_time if spec is not None else None
+        if not restart or reason.startswith("notification received"):
+            self._stale_episode.pop(peer, None)
+            return self.rib.drop_peer(peer)
+        self.rib.mark_stale(peer)
+        episode = self._stale_episode[peer] = self._stale_episode.get(peer, 0) + 1
+        self._spawn(self._stale_timer(peer, episode, restart))
+        return set()
+
+    async def _stale_timer(self, peer: IPAddr, episode: int, restart: float) -> None:
+        await asyncio.sleep(restart)
+        if self._stale_episode.get(peer) == episode:
+            affected = self.rib.sweep_stale(peer)
+            if affected:
+                log.warning("stale routes swept", extra={"op": "bgp", "peer": str(peer),
+                                                         "count": len(affected)})  # fmt: skip
+                await self._program(affected)
 
     async def _after_session_up(self, peer: IPAddr) -> None:
         # manual-eor: ExaBGP sends End-of-RIB only when told, after our exports are queued.
