@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from bgp_speaker.config import BGP_CONFIG_NAME, parse_bgp_config, parse_bgp_peer
 from bgp_speaker.export import Exports, blackhole_routes, compute_exports
+from bgp_speaker.fib import FibError
 from bgp_speaker.peers import desired_sessions, node_address
 from bgp_speaker.rib import ImportPolicy, Rib, kernel_route
 from bgp_speaker.routes import (
@@ -50,6 +51,7 @@ log = logging.getLogger("l3fabric.agent.routing")
 WATCHED_KINDS = ("Node", "BGPConfiguration", "BGPPeer", "IPPool", "IPAMBlock", "BlockAffinity")
 DEBOUNCE = 0.05
 FIB_BATCH = 5000
+FIB_RETRY = 1.0
 
 
 class Speaker(Protocol):
@@ -153,10 +155,12 @@ class RoutingController:
         if desired is None:
             log.warning("node has no IPv4 address yet", extra={"op": "routing", "node": self.node})
             return
-        await self.speaker.set_sessions(desired.sessions)
         affected = self.rib.set_sessions(desired.sessions)
         affected |= self.rib.set_policy(desired.policy)
         wanted = desired.exports.prefixes
+        # Exports before sessions: the speaker replays exports to sessions it adds, while a
+        # session change can wait on ExaBGP for a long while (it defers reloads while an
+        # unreachable neighbour has routes queued) and must not hold up a new block.
         if wanted - self.announced:
             await self.speaker.announce(sorted(wanted - self.announced, key=_sort_key))
         if self.announced - wanted:
@@ -166,6 +170,7 @@ class RoutingController:
         self.desired = desired
         affected |= previous_blocks | desired.exports.blocks
         await self._program(affected)
+        await self.speaker.set_sessions(desired.sessions)
 
     # --- kernel -------------------------------------------------------------------------------
 
@@ -192,14 +197,26 @@ class RoutingController:
                 upserts.append(route)
         if not upserts and not removes:
             return
+        failed: set[IPNet] = set()
         try:
             await asyncio.to_thread(self.fib.apply, upserts, removes)
-        except L3FabricError as err:
+        except FibError as err:
+            # Everything not listed was applied; a FIB unusable as a whole lists nothing.
+            failed = set(err.failures) or {r.prefix for r in upserts} | set(removes)
             log.error("kernel update failed", extra={"op": "fib", "reason": str(err)})
         for route in upserts:
-            self.installed[route.prefix] = route
+            if route.prefix not in failed:
+                self.installed[route.prefix] = route
         for prefix in removes:
-            self.installed.pop(prefix, None)
+            if prefix not in failed:
+                self.installed.pop(prefix, None)
+        if failed:
+            self._spawn(self._retry_later(failed))
+
+    async def _retry_later(self, prefixes: set[IPNet]) -> None:
+        """Failures are mostly transient (a gateway not resolvable yet): try again."""
+        await asyncio.sleep(FIB_RETRY)
+        await self._program(prefixes)
 
     async def _full_sync(self) -> None:
         async with self._fib_lock:
@@ -334,7 +351,7 @@ class RoutingController:
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """For `node status` (called from API worker threads: reads only immutable values)."""
+        """For `node status` and metrics; runs on the event loop (see RoutingHolder.status)."""
         sessions = self.desired.sessions if self.desired else ()
         advertised = len(self.announced)
         peers = []

@@ -25,6 +25,7 @@ from ipam_blocks.store.base import Store
 log = logging.getLogger("l3fabric.agent.routing")
 
 NODE_POLL = 1.0
+STATUS_TIMEOUT = 10.0
 
 
 class RoutingHolder:
@@ -33,10 +34,18 @@ class RoutingHolder:
     def __init__(self, node: str) -> None:
         self.node = node
         self.controller: RoutingController | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def status(self) -> dict[str, Any]:
-        if self.controller is not None:
-            return self.controller.status()
+        """Callable from any thread: the controller's state is read on its own loop, where
+        nothing changes it mid-read."""
+        controller, loop = self.controller, self.loop
+        if controller is not None and loop is not None:
+
+            async def snapshot() -> dict[str, Any]:
+                return controller.status()
+
+            return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(STATUS_TIMEOUT)
         return {
             "node": self.node,
             "router_id": None,
@@ -93,6 +102,7 @@ async def run_routing(
     fib = Fib(netns=settings.host_netns)
     controller = RoutingController(node, store, speaker, fib)
     await speaker.start()
+    holder.loop = asyncio.get_running_loop()
     holder.controller = controller
     log.info("routing started", extra={"op": "routing", "node": node, "router_id": str(router_id)})
     try:

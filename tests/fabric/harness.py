@@ -372,12 +372,23 @@ class RouteMonitor:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         probe = self.PROBE.removesuffix("/32")
-        try:  # wait until the monitor demonstrably receives events
-            host.ip("-n", netns, "route", "add", self.PROBE, "dev", device, "proto", "static")
-            eventually(lambda: [] if self.saw(probe) else ["no event yet"], 10, "ip monitor")
+        route = (self.PROBE, "dev", device, "proto", "static")
+
+        def poke() -> list[str]:
+            # The monitor may subscribe after a first change: change the probe until it
+            # demonstrably receives events.
+            if self.saw(probe):
+                return []
+            with contextlib.suppress(Exception):
+                host.ip("-n", netns, "route", "del", *route)
+            host.ip("-n", netns, "route", "add", *route)
+            return ["no event yet"]
+
+        try:
+            eventually(poke, 10, "ip monitor")
         finally:
             with contextlib.suppress(Exception):
-                host.ip("-n", netns, "route", "del", self.PROBE, "dev", device, "proto", "static")
+                host.ip("-n", netns, "route", "del", *route)
 
     def _read(self) -> None:
         assert self._proc.stdout is not None
