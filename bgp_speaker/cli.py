@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--socket", default=DEFAULT_SOCKET, metavar="PATH", help=f"(default: {DEFAULT_SOCKET})"
     )
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="print one line and exit 0 when routing runs and every desired BGP session is "
+        "established, else 1 (the chart's readiness probe)",
+    )
     status.set_defaults(handler=_node_status)
 
 
@@ -91,8 +97,29 @@ def _node_status(args: argparse.Namespace) -> int:
         status = call(args.socket, "node.status", {}, timeout=10)
     except AgentUnreachable as err:
         raise AgentNotRunning(f"no agent answers: {err}") from None
+    if args.check:
+        ready, line = sessions_ready(status)
+        print(line)
+        return 0 if ready else 1
     if args.output == "json":
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         make_console().print(render_node_status(status))
     return 0
+
+
+def sessions_ready(status: dict) -> tuple[bool, str]:
+    """(ready, one line why) from a `node.status` answer: routing has started (the node has a
+    router id) and every desired session is established."""
+    if not status.get("router_id"):
+        return False, "not ready: routing not started (does the node have an IPv4 address?)"
+    peers = status.get("peers") or []
+    down = [
+        f"{p.get('address')} ({p.get('state')})" for p in peers if p.get("state") != "established"
+    ]
+    if down:
+        return False, (
+            f"not ready: {len(peers) - len(down)}/{len(peers)} BGP sessions established; "
+            f"down: {', '.join(down)}"
+        )
+    return True, f"ready: {len(peers)}/{len(peers)} BGP sessions established"

@@ -51,6 +51,8 @@ from ipam_blocks.store import Resource, open_store
 from l3fabric.cli import EXIT_FAILED, EXIT_OK, make_console, verb_group
 
 DEFAULT_GC_GRACE = 900.0
+DEFAULT_GC_INTERVAL = 60.0
+DEFAULT_GC_LEASE = "l3fabric-ipam-gc"
 DEFAULT_NAMESPACE = "default"
 
 
@@ -131,6 +133,7 @@ def _register_ipam(verbs: argparse._SubParsersAction) -> None:
         default=str(DEFAULT_GC_GRACE),
         help=f"only touch leaks older than this (default: {DEFAULT_GC_GRACE:g})",
     )
+    _register_gc_controller_options(gc)
     gc.set_defaults(handler=_ipam_gc)
 
     cfg = verbs.add_parser("config", help="show or set cluster-wide IPAM settings")
@@ -613,10 +616,85 @@ def _parse_grace(text: str) -> float:
 
 def _ipam_gc(args: argparse.Namespace) -> int:
     grace = _parse_grace(args.grace)
+    if args.continuous or args.lease_namespace:
+        return _ipam_gc_continuous(args, grace)
     with _opened(args) as ipam:
         result = collect_garbage(ipam, liveness_for(ipam.store), grace)
     for line in render_gc_result(result):
         print(line)
+    return EXIT_OK
+
+
+def _register_gc_controller_options(gc: argparse.ArgumentParser) -> None:
+    """`ipam gc --continuous`: the controller the chart's GC Deployment runs."""
+    gc.add_argument(
+        "--continuous",
+        action="store_true",
+        help="keep collecting every --interval seconds until SIGTERM",
+    )
+    gc.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        default=str(DEFAULT_GC_INTERVAL),
+        help=f"seconds between passes with --continuous (default: {DEFAULT_GC_INTERVAL:g})",
+    )
+    gc.add_argument(
+        "--lease-namespace",
+        metavar="NS",
+        help="with --continuous: collect only while holding a coordination.k8s.io Lease in "
+        "this namespace (leader election; kube store only)",
+    )
+    gc.add_argument(
+        "--lease-name",
+        default=DEFAULT_GC_LEASE,
+        metavar="NAME",
+        help=f"the Lease's name (default: {DEFAULT_GC_LEASE})",
+    )
+    gc.add_argument(
+        "--identity",
+        metavar="ID",
+        help="this contender's name in the Lease (default: $POD_NAME, else the host name)",
+    )
+
+
+def _parse_seconds(text: str, field: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInput(field, f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise InvalidInput(field, f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _ipam_gc_continuous(args: argparse.Namespace, grace: float) -> int:
+    import os
+    import socket
+
+    from ipam_blocks.gc_controller import GCLoopSettings, run_controller
+    from ipam_blocks.leader import LeaseSettings
+
+    if not args.continuous:
+        raise InvalidInput("lease-namespace", "leader election needs --continuous")
+    lease = None
+    if args.lease_namespace:
+        identity = args.identity or os.environ.get("POD_NAME") or socket.gethostname()
+        lease = LeaseSettings(args.lease_namespace, args.lease_name, identity)
+    settings = GCLoopSettings(_parse_seconds(args.interval, "interval"), grace, lease)
+    with _opened(args) as ipam:
+        api_client = getattr(ipam.store, "api_client", None)
+        if lease is not None and api_client is None:
+            raise InvalidInput("lease-namespace", "leader election needs --store kube")
+
+        def report(result: GCResult) -> None:
+            # Only passes that did something; every pass is logged ("gc pass done").
+            if any(getattr(result, f.name) for f in fields(result)):
+                for line in render_gc_result(result):
+                    print(line, flush=True)
+
+        run_controller(
+            ipam, liveness_for(ipam.store), settings, api_client=api_client, report=report
+        )
     return EXIT_OK
 
 

@@ -12,6 +12,9 @@ tell the difference:
 - `/api/v1/nodes[/{name}]`: list, watch, create, get, replace, JSON-patch, delete.
 - `/api/v1/pods` (list across namespaces) and `/api/v1/namespaces/{ns}/pods[/{name}[/status]]`
   (list, create, get, delete, replace status) so tests can make pods come and go.
+- `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: list, watch, create, get,
+  replace (resourceVersion CAS), delete, for leader election. The spec is checked as the real
+  server does (types, leaseDurationSeconds > 0, leaseTransitions >= 0, MicroTime timestamps).
 - resourceVersion is one global counter. Replace/patch with a stale metadata.resourceVersion and
   delete with a stale `preconditions.resourceVersion` answer 409 `Conflict`; replace without a
   resourceVersion is unconditional, as on the real server. A write that changes nothing keeps
@@ -440,6 +443,7 @@ class ResourceType:
 
 NODES = ResourceType("nodes", "Node", "", "v1", namespaced=False)
 PODS = ResourceType("pods", "Pod", "", "v1", namespaced=True)
+LEASES = ResourceType("leases", "Lease", "coordination.k8s.io", "v1", namespaced=True)
 
 
 @lru_cache(maxsize=8)
@@ -535,7 +539,8 @@ class KubeApiDouble:
     ) -> None:
         self.token = token
         self.types: dict[tuple[str, str], ResourceType] = {
-            (t.api_version, t.plural): t for t in (*load_crds(Path(crd_dir)), NODES, PODS)
+            (t.api_version, t.plural): t
+            for t in (*load_crds(Path(crd_dir)), NODES, PODS, LEASES)
         }
         self.requests: list[RecordedRequest] = []
         self.default_watch_timeout = default_watch_timeout
@@ -971,6 +976,8 @@ class KubeApiDouble:
         req.warnings += [f'unknown field "{d}"' for d in dropped]
         if rtype is PODS:
             errors += _validate_pod(body)
+        if rtype is LEASES:
+            errors += _validate_lease(body)
         if errors:
             name = meta.get("name", "")
             text = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
@@ -1200,6 +1207,43 @@ def _validate_pod(pod: Mapping[str, Any]) -> list[FieldError]:
     return errors
 
 
+# metav1.MicroTime parses RFC3339 with exactly six fractional digits.
+_MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def _validate_lease(lease: Mapping[str, Any]) -> list[FieldError]:
+    """What apiserver's Lease validation and JSON decoding reject in a spec."""
+    spec = lease.get("spec") or {}
+    if not isinstance(spec, dict):
+        return [FieldError("spec", "FieldValueInvalid", _type_message("spec", "object", spec))]
+    errors = []
+    checks = {
+        "holderIdentity": str,
+        "leaseDurationSeconds": int,
+        "leaseTransitions": int,
+        "acquireTime": str,
+        "renewTime": str,
+    }
+    for key, expected in checks.items():
+        value = spec.get(key)
+        path = f"spec.{key}"
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, expected):
+            name = "string" if expected is str else "integer"
+            errors.append(FieldError(path, "FieldValueInvalid", _type_message(path, name, value)))
+        elif key == "leaseDurationSeconds" and value <= 0:
+            errors.append(FieldError(path, "FieldValueInvalid", "must be greater than 0"))
+        elif key == "leaseTransitions" and value < 0:
+            message = "must be greater than or equal to 0"
+            errors.append(FieldError(path, "FieldValueInvalid", message))
+        elif key.endswith("Time") and not _MICRO_TIME.match(value):
+            errors.append(
+                FieldError(path, "FieldValueInvalid", f"Invalid value: {_quote(value)}: not a time")
+            )
+    return errors
+
+
 def _apply_json_patch(doc: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
     """RFC 6902 add/replace/remove/test on object members (all a Node metadata patch needs)."""
     for op in ops:
@@ -1301,8 +1345,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
         try:
+            self.end_headers()
             self.wfile.flush()
             for line in lines:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))

@@ -449,12 +449,12 @@ def test_demo_exits_0_with_a_clean_check() -> None:
 def test_another_package_can_add_a_verb_to_the_node_group(
     monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
-    """How the agent will plug in `node status` next to `node add` and `node list`."""
+    """How a package plugs a verb (here `node drain`) in next to `node add` and `node list`."""
     seen: list[argparse.Namespace] = []
 
     def register(subparsers: argparse._SubParsersAction) -> None:
-        status = verb_group(subparsers, "node").add_parser("status")
-        status.set_defaults(handler=lambda args: seen.append(args) or 7)
+        drain = verb_group(subparsers, "node").add_parser("drain")
+        drain.set_defaults(handler=lambda args: seen.append(args) or 7)
 
     agent_cli = types.ModuleType("fake_agent_cli")
     agent_cli.register = register  # type: ignore[attr-defined]
@@ -463,7 +463,7 @@ def test_another_package_can_add_a_verb_to_the_node_group(
         l3fabric_cli, "VERB_MODULES", (*l3fabric_cli.VERB_MODULES, "fake_agent_cli")
     )
 
-    assert main(["node", "status", "--store", store]) == 7
+    assert main(["node", "drain", "--store", store]) == 7
     assert seen[0].store == store  # the common options reach verbs added later too
     assert main(["node", "add", "node-z", "--store", store]) == 0  # the group kept its verbs
     assert main(["node", "list", "--store", store]) == 0
