@@ -34,12 +34,16 @@ from lab.topology import Topology, parse_lab_name, parse_topology_yaml
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="show block IPAM at work on a throwaway embedded store",
-        description="Create a pool and three nodes in a temporary sqlite store, assign and "
-        "release pod addresses, then print `ipam show --show-blocks` and `ipam check`. "
-        "Ignores --store: the demo never touches a real store.",
+        help="bring up a three-node BGP fabric in namespaces and prove pod-to-pod reachability",
+        description="As root: realise the mesh3 topology in network namespaces with a "
+        "temporary embedded store, start two pods per node through the real CNI plugin, wait "
+        "for the BGP sessions and routes, ping every pod from every pod, print `node status` "
+        "and `ipam show --show-blocks`, and tear everything down. Exits 0 only if every pair "
+        "was reachable. Ignores --store: the demo never touches a real store.",
     )
-    demo.add_argument("--keep", action="store_true", help="keep the temporary store afterwards")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the lab up and print the `lab down` command"
+    )
     demo.set_defaults(handler=_demo)
     _register_lab(subparsers)
 

@@ -439,13 +439,6 @@ def test_help_lists_the_verb_groups() -> None:
         assert verb in run.out
 
 
-def test_demo_exits_0_with_a_clean_check() -> None:
-    run = l3fabric("demo")
-    assert run.code == 0, run
-    assert "ipam check: clean" in run.out
-    assert "Traceback" not in run.err
-
-
 def test_another_package_can_add_a_verb_to_the_node_group(
     monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
