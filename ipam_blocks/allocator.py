@@ -437,9 +437,14 @@ class IPAM:
             self._adjust_handle(handle_id, cidr, -handle.blocks[cidr_text])
         return released
 
-    def release_ips(self, ips: Mapping[IPAddress, int | None]) -> list[IPAddress]:
+    def release_ips(
+        self,
+        ips: Mapping[IPAddress, int | None],
+        handles: Mapping[IPAddress, str] | None = None,
+    ) -> list[IPAddress]:
         """Release addresses, each optionally only if still at the given allocation sequence
-        number (so a stale release never frees an address that was handed out again)."""
+        number and held by the handle `handles` names for it (so a stale release never frees
+        an address that was handed out again, even in a block deleted and created anew)."""
         by_block: dict[IPNetwork, dict[IPAddress, int | None]] = {}
         blocks = self.blocks()
         for ip, seq in ips.items():
@@ -454,7 +459,7 @@ class IPAM:
                     blk = self.read_block(cidr)
                 except NotFound:
                     return {}, []
-                new, per_handle, skipped = blockmath.release_ips(blk, wanted)
+                new, per_handle, skipped = blockmath.release_ips(blk, wanted, handles)
                 if per_handle:
                     self._write_block(new)
                 return per_handle, [ip for ip in wanted if ip not in skipped]

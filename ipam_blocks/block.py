@@ -131,12 +131,17 @@ def _compact_attributes(block: Block) -> Block:
 
 
 def release_ips(
-    block: Block, ips: Mapping[IPAddress, int | None]
+    block: Block,
+    ips: Mapping[IPAddress, int | None],
+    handles: Mapping[IPAddress, str] | None = None,
 ) -> tuple[Block, dict[str, int], list[IPAddress]]:
-    """Release addresses; each may carry the allocation sequence number it was read at.
+    """Release addresses; each may carry the allocation sequence number it was read at, and
+    (in `handles`) the handle it was held by.
 
     Returns the new block, the count released per handle, and the addresses skipped because
-    they were free already or (with a sequence number) have been allocated again since.
+    they were free already or have been allocated again since: at another sequence number, or
+    to another handle. The handle check matters when a block was deleted and created again,
+    since a new block's sequence numbers start over.
     """
     ordinals: list[int] = []
     per_handle: dict[str, int] = {}
@@ -144,12 +149,14 @@ def release_ips(
     for ip, expected_seq in ips.items():
         ordinal = ordinal_of(block, ip)
         index = block.allocations[ordinal]
-        if index is None or (
-            expected_seq is not None and block.seq_for_allocation.get(ordinal) != expected_seq
+        handle = None if index is None else block.attributes[index].handle_id
+        if (
+            handle is None
+            or (expected_seq is not None and block.seq_for_allocation.get(ordinal) != expected_seq)
+            or (handles is not None and handles.get(ip, handle) != handle)
         ):
             skipped.append(ip)
             continue
-        handle = block.attributes[index].handle_id
         per_handle[handle] = per_handle.get(handle, 0) + 1
         ordinals.append(ordinal)
     return _release_ordinals(block, ordinals), per_handle, skipped

@@ -57,7 +57,10 @@ def collect_garbage(ipam: IPAM, liveness: OwnerLiveness, grace: float) -> GCResu
         recheck = analyze(take_snapshot(ipam, liveness))
         still_leaked = {(leak.ip, leak.sequence) for leak in recheck.leaks}
         confirmed = [c for c in candidates if (c.ip, c.sequence) in still_leaked]
-        released = ipam.release_ips({IPAddress(c.ip): c.sequence for c in confirmed})
+        released = ipam.release_ips(
+            {IPAddress(c.ip): c.sequence for c in confirmed},
+            handles={IPAddress(c.ip): c.handle for c in confirmed},
+        )
         result.released_ips += [str(ip) for ip in released]
         result.kept_ips += [c.ip for c in candidates if IPAddress(c.ip) not in released]
         for c in confirmed:
