@@ -403,9 +403,12 @@ def _release_ip(ipam: IPAM, ip: IPAddress) -> list[IPAddress]:
     held = ipam.holder_of(ip)
     if held is None:
         raise InvalidInput("ip", f"{ip} is not allocated")
-    _, _, sequence = held
-    # Released at the sequence number just read: never frees an address handed out again.
-    released = ipam.release_ips({ip: sequence if sequence >= 0 else None})
+    _, holder, sequence = held
+    # Released at the sequence number and handle just read: never frees an address that was
+    # handed out again meanwhile (a recreated block restarts its sequence numbers).
+    released = ipam.release_ips(
+        {ip: sequence if sequence >= 0 else None}, handles={ip: holder.handle_id}
+    )
     if not released:
         raise InvalidInput("ip", f"{ip} is not allocated (released concurrently)")
     return released

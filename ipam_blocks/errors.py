@@ -61,6 +61,10 @@ class StoreUnavailable(StoreError):
     """The datastore cannot be reached or is not answering; worth retrying later."""
 
 
+class WatchExpired(StoreUnavailable):
+    """A watch asked for changes older than the store still keeps (compacted)."""
+
+
 class IPAMError(L3FabricError):
     """IPAM could not satisfy a request that was itself valid."""
 

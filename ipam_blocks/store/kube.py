@@ -36,6 +36,7 @@ from ipam_blocks.errors import (
     NotFound,
     StoreError,
     StoreUnavailable,
+    WatchExpired,
 )
 from ipam_blocks.liveness import PodRef
 from ipam_blocks.selector import EVERYTHING, LabelSelector
@@ -61,10 +62,6 @@ _PAGE_SIZE = 500
 _RETRIES = urllib3.Retry(
     total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.1
 )
-
-
-class WatchExpired(StoreUnavailable):
-    """The watch's start revision is older than the server's history: list again, then watch."""
 
 
 def _load_api_client(kubeconfig: str | None) -> client.ApiClient:

@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ipam_blocks.errors import AlreadyExists, Conflict, InvalidInput, NotFound, StoreUnavailable
+from ipam_blocks.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+    WatchExpired,
+)
 from ipam_blocks.selector import EVERYTHING, LabelSelector
 from ipam_blocks.store.base import ALL_KINDS, EventType, Listing, Resource, WatchEvent
 
@@ -32,8 +39,13 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE TABLE IF NOT EXISTS counter (
     id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL);
 INSERT OR IGNORE INTO counter VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS compacted (
+    id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL);
+INSERT OR IGNORE INTO compacted VALUES (0, 0);
 """
 _WATCH_POLL_SECONDS = 0.05
+CHANGES_KEPT = 100_000
+COMPACT_EVERY = 1_000
 
 
 def _encode(obj: Resource) -> str:
@@ -104,9 +116,16 @@ class SqliteStore:
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> int:
-        return db.execute(
+        revision = db.execute(
             "UPDATE counter SET revision = revision + 1 RETURNING revision"
         ).fetchone()[0]
+        if revision % COMPACT_EVERY == 0:
+            # The change log holds every write's body: keep a window of it, as etcd does,
+            # and make watchers that fell behind it list again (WatchExpired).
+            horizon = revision - CHANGES_KEPT
+            db.execute("DELETE FROM changes WHERE revision <= ?", (horizon,))
+            db.execute("UPDATE compacted SET revision = MAX(revision, ?)", (horizon,))
+        return revision
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -200,6 +219,12 @@ class SqliteStore:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._read() as db:
+                compacted = db.execute("SELECT revision FROM compacted").fetchone()[0]
+                if last < compacted:
+                    raise WatchExpired(
+                        f"watch of {kind} from revision {last} expired: the change log "
+                        f"keeps revisions after {compacted}; list again"
+                    )
                 rows = db.execute(
                     "SELECT revision, name, type, body FROM changes WHERE kind=? AND revision>? "
                     "ORDER BY revision",

@@ -24,6 +24,7 @@ from ipam_blocks.errors import (
     InvalidInput,
     NotFound,
     StoreUnavailable,
+    WatchExpired,
 )
 from ipam_blocks.liveness import PodRef, liveness_for
 from ipam_blocks.selector import (
@@ -623,8 +624,6 @@ class TestKubeWatch:
         assert sum(1 for m in kube_api.requests if m.query.get("watch")) > 2
 
     def test_compacted_history_is_watch_expired(self, kube_backend, kube_api) -> None:
-        from ipam_blocks.store.kube import WatchExpired
-
         store = kube_backend.store
         since = store.list("IPPool").revision
         store.create(pool("a"))
@@ -636,6 +635,24 @@ class TestKubeWatch:
         listing = store.list("IPPool")
         assert [o.name for o in listing.items] == ["a"]
         assert list(store.watch("IPPool", listing.revision, timeout=0.2)) == []
+
+    def test_sqlite_change_log_is_compacted_and_old_watches_expire(
+        self, sqlite_backend: StoreBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from ipam_blocks.store import sqlite
+
+        monkeypatch.setattr(sqlite, "COMPACT_EVERY", 10)
+        monkeypatch.setattr(sqlite, "CHANGES_KEPT", 5)
+        store = sqlite_backend.store
+        since = store.list("IPPool").revision
+        for i in range(30):
+            store.create(pool(f"p{i}", f"10.{i}.0.0/16"))
+        with pytest.raises(WatchExpired):
+            list(store.watch("IPPool", since, timeout=0.2))
+        listing = store.list("IPPool")
+        assert len(listing.items) == 30  # objects stay; only their history is trimmed
+        store.create(pool("late", "10.200.0.0/16"))
+        assert [e.resource.name for e in store.watch("IPPool", listing.revision, 0.2)] == ["late"]
 
     def test_closing_a_watch_early_releases_it(self, kube_backend: StoreBackend) -> None:
         store = kube_backend.store
