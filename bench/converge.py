@@ -1,6 +1,13 @@
 """BGP convergence, 20k prefixes: an l3fabric agent vs BIRD 2 as the receiving node, one run.
 
     sudo python bench/converge.py [--routes 20000] [--repeats 5] [--profile] [--no-write]
+    sudo python bench/converge.py --reflector [--routes 20000] [--repeats 5]
+                                  [--clients 50] [--client-routes 40] [--no-write]
+
+`--reflector` runs the route reflector case instead (see "the reflector case" below): client
+A's routes reach client B's kernel through an l3fabric reflector vs a BIRD reflector, same
+topology, same run; then the reflector's CPU and RSS with `--clients` clients. Its results
+replace the `converge-rr` section of bench/RESULTS.md.
 
 Topology: two namespaces on one veth, "ann" (10.0.0.1, AS 64512) and "recv" (10.0.0.2,
 AS 64513), eBGP between them; the real host is untouched. The announcer is the same for
@@ -666,15 +673,519 @@ def setup_store(url: str) -> None:
         store.close()
 
 
+# --- the reflector case (--reflector) ----------------------------------------------------------
+#
+# Client A (BIRD, static routes disabled at first) and client B (BIRD with a kernel protocol)
+# peer (iBGP, AS 64512) with a route reflector only: an l3fabric agent whose Node carries a
+# cluster ID, or BIRD 2 with `rr client` — both install the routes into their own kernel too.
+# All on one bridge, so B installs A's routes with A as next hop. Per run: (b) A's routes
+# enabled -> all in B's kernel, (c) disabled -> none left there; reflectors alternate.
+# Then the reflector with CLIENTS clients (one BIRD, one BGP protocol per client address, each
+# announcing CLIENT_ROUTES): its CPU seconds from start until every client holds every other
+# client's routes, its RSS and idle CPU once settled.
+
+RR_START, RR_END = "<!-- converge-rr:start -->", "<!-- converge-rr:end -->"
+SW, CA, RR, CB, MANY = (f"{TAG}-{n}" for n in ("sw", "ca", "rr", "cb", "many"))
+CA_IP, RR_IP, CB_IP = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+RR_AS = 64512
+CLUSTER_ID = "244.0.0.1"
+REFLECTORS = ("l3fabric", "bird")
+
+
+def many_ip(i: int) -> str:
+    return f"10.0.0.{101 + i}"
+
+
+@contextlib.contextmanager
+def rr_namespaces(clients: int) -> Iterator[None]:
+    made: list[str] = []
+    try:
+        for name in (SW, CA, RR, CB, MANY):
+            sh("ip", "netns", "add", name)
+            made.append(name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        sh("ip", "-n", SW, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", SW, "link", "set", "br0", "up")
+        for i, (ns, addresses) in enumerate(
+            (
+                (CA, [CA_IP]),
+                (RR, [RR_IP]),
+                (CB, [CB_IP]),
+                (MANY, [many_ip(c) for c in range(clients)]),
+            )
+        ):
+            sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth",
+               "peer", "name", f"p{i}", "netns", SW)  # fmt: skip
+            sh("ip", "-n", SW, "link", "set", f"p{i}", "master", "br0", "up")
+            for address in addresses:
+                sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield
+    finally:
+        for name in made:
+            for pid in netns_pids(name):  # only ever our own daemons
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _client_bgp(name: str, local: str, ipv4: str, extra: str = "", hops: str = "direct") -> str:
+    return f"""\
+protocol bgp {name} {{
+  local {local} as {RR_AS};
+  neighbor {RR_IP} as {RR_AS};
+  strict bind yes;
+  {hops};
+  connect delay time 1;
+  error wait time 1, 5;
+{extra}  ipv4 {{ {ipv4} }};
+}}
+"""
+
+
+def client_a_config(nets: list[IPv4Network]) -> str:
+    routes = "".join(f"  route {net} blackhole;\n" for net in nets)
+    return (
+        f"router id {CA_IP};\nprotocol device {{ }}\n"
+        f"protocol static {STATIC} {{\n  disabled;\n  ipv4 {{ }};\n{routes}}}\n"
+        + _client_bgp("reflector", CA_IP, "import none; export where source = RTS_STATIC;")
+    )
+
+
+CLIENT_B_CONFIG = (
+    f"router id {CB_IP};\nprotocol device {{ }}\n"
+    "protocol kernel {\n  ipv4 { import none; export all; };\n  merge paths on;\n  learn off;\n}\n"
+    + _client_bgp("reflector", CB_IP, "import all; export none;")
+)
+
+
+def many_config(client: int, per_client: int) -> str:
+    """Client `client` of many: its own BIRD (one BIRD cannot hold several sessions to one
+    neighbour address), announcing `per_client` routes of its own."""
+    base = int(IPv4Address("10.192.0.0"))
+    routes = "".join(
+        f"  route {IPv4Network((base + 16 * (client * per_client + r), BLOCK))} blackhole;\n"
+        for r in range(per_client)
+    )
+    return (
+        f"router id {many_ip(client)};\nprotocol device {{ }}\n"
+        f"protocol static own {{\n  ipv4 {{ }};\n{routes}}}\n"
+        + _client_bgp("reflector", many_ip(client), 'import all; export where proto = "own";')
+    )
+
+
+def bird_rr_config(clients: list[str], next_hop_self: bool) -> str:
+    peers = "".join(
+        f"protocol bgp client{i} from clients {{ neighbor {ip} as {RR_AS}; }}\n"
+        for i, ip in enumerate(clients)
+    )
+    return f"""\
+router id {RR_IP};
+protocol device {{ }}
+protocol kernel {{
+  ipv4 {{ import none; export where source = RTS_BGP; }};
+  merge paths on;
+  learn off;
+}}
+template bgp clients {{
+  local {RR_IP} as {RR_AS};
+  strict bind yes;
+  direct;
+  rr client;
+  rr cluster id {CLUSTER_ID};
+  connect delay time 1;
+  ipv4 {{ import all; export all;{" next hop self;" if next_hop_self else ""} }};
+}}
+{peers}"""
+
+
+def setup_rr_store(url: str, clients: list[str], next_hop_self: bool) -> None:
+    store = open_store(url)
+    try:
+        ipam = IPAM(store)
+        add_pool(ipam, IPPool("bench", POOL, BLOCK))
+        add_node(ipam, Node("rr", {}, IPNetwork(f"{RR_IP}/24"), RR_AS, CLUSTER_ID))
+        store.create(Resource("BGPConfiguration", "default", {"nodeToNodeMeshEnabled": False}))
+        for i, ip in enumerate(clients):  # iBGP peers of a reflector node: its clients
+            spec = {"peerIP": ip, "asNumber": RR_AS}
+            if next_hop_self:
+                spec["nextHopMode"] = "Self"
+            store.create(Resource("BGPPeer", f"client{i}", spec))
+    finally:
+        store.close()
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def birdc_in(ctl: Path, *command: str) -> str:
+    return sh("birdc", "-s", str(ctl), *command)
+
+
+@dataclass
+class RrRun:
+    announce: float  # (b) A's routes enabled -> all in B's kernel
+    first: float
+    withdraw: float  # (c)
+    cpu: dict[str, float]  # the reflector's, during (b), by process role
+    rss: int  # the reflector's, with every route in
+
+
+@dataclass
+class ManyRun:
+    converge: float  # reflector start -> every client holds every other client's routes
+    cpu: dict[str, float]  # from start to converged, by role
+    rss: dict[str, int]  # once settled, by role
+    idle: dict[str, float]  # CPUs' worth once settled, by role
+
+
+@dataclass
+class RrBench:
+    tmp: Path
+    routes: int
+    clients: int
+    per_client: int
+    counter: RouteCounter
+    ctl_a: Path
+    ctl_many: list[Path] = field(default_factory=list)
+    many_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    runs: dict[str, list[RrRun]] = field(default_factory=lambda: {r: [] for r in REFLECTORS})
+    many: dict[str, ManyRun] = field(default_factory=dict)
+
+    def start(
+        self, reflector: str, run_dir: Path, clients: list[str], next_hop_self: bool = False
+    ) -> subprocess.Popen[bytes]:
+        run_dir.mkdir(parents=True)
+        if reflector == "bird":
+            conf = run_dir / "bird.conf"
+            conf.write_text(bird_rr_config(clients, next_hop_self))
+            argv = ["bird", "-f", "-c", str(conf), "-s", str(run_dir / "bird.ctl"),
+                    "-P", str(run_dir / "bird.pid")]  # fmt: skip
+        else:
+            url = f"sqlite:{run_dir / 'store.db'}"
+            setup_rr_store(url, clients, next_hop_self)
+            argv = [sys.executable, "-m", "l3fabric.cli", "--log-level", "info", "agent",
+                    "--node", "rr", "--store", url, "--socket", str(run_dir / "agent.sock"),
+                    "--state-dir", str(run_dir / "state")]  # fmt: skip
+        return spawn(RR, argv, run_dir / f"{reflector}.log")
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pid in netns_pids(RR):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "-n", RR, "route", "flush", "proto", "77"], capture_output=True)
+        subprocess.run(["ip", "-n", RR, "route", "flush", "proto", "12"], capture_output=True)
+
+    def wait_b(self, want: int, since: float) -> tuple[float, float]:
+        first = None
+        start = self.counter.count(PROTO["bird"])
+        while True:
+            found = self.counter.count(PROTO["bird"])
+            now = time.monotonic()
+            if first is None and found != start:
+                first = now - since
+            if found == want:
+                return (first if first is not None else now - since), now - since
+            if now > since + WAIT:
+                raise SystemExit(f"client B: {found} routes after {WAIT:g} s, expected {want}")
+            time.sleep(POLL)
+
+    def run(self, reflector: str, index: int, ctl_b: Path) -> RrRun:
+        proc = self.start(reflector, self.tmp / f"rr-{reflector}-{index}", [CA_IP, CB_IP])
+        try:
+            for ctl, who in ((self.ctl_a, "A"), (ctl_b, "B")):
+                wait_for(
+                    f"client {who}'s session to the {reflector} reflector",
+                    lambda ctl=ctl: "Established" in birdc_in(ctl, "show", "protocols"),
+                )
+            pids = process_tree(proc.pid)
+            settle(pids)
+            before = {pid: cpu_seconds(pid) for pid in pids}
+            since = time.monotonic()
+            birdc_in(self.ctl_a, "enable", STATIC)
+            first, announce = self.wait_b(self.routes, since)
+            cpu: Counter[str] = Counter()
+            for pid in pids:
+                cpu[role(pid)] += cpu_seconds(pid) - before[pid]
+            settle(pids)
+            rss = rss_bytes(process_tree(proc.pid))
+            since = time.monotonic()
+            birdc_in(self.ctl_a, "disable", STATIC)
+            _, withdraw = self.wait_b(0, since)
+        finally:
+            with contextlib.suppress(SystemExit):
+                birdc_in(self.ctl_a, "disable", STATIC)
+            self.stop(proc)
+        return RrRun(announce, first, withdraw, dict(cpu), rss)
+
+    def restart_clients(self) -> None:
+        """(Re)start the many clients' BIRDs: a reflector that went away may have left them
+        holding its routes (graceful restart), which would look like convergence."""
+        for proc in self.many_procs:
+            proc.kill()
+            proc.wait()
+        self.many_procs = []
+        for c, ctl in enumerate(self.ctl_many):
+            conf = self.tmp / f"many{c}.conf"
+            conf.write_text(many_config(c, self.per_client))
+            ctl.unlink(missing_ok=True)
+            self.many_procs.append(spawn(MANY, ["bird", "-f", "-c", str(conf), "-s", str(ctl),
+                                                "-P", str(self.tmp / f"many{c}.pid")],
+                                         self.tmp / f"many{c}.out"))  # fmt: skip
+        for ctl in self.ctl_many:
+            wait_for("the clients' BIRDs", lambda ctl=ctl: birdc_answers(ctl), 30)
+
+    def run_many(self, reflector: str) -> ManyRun:
+        assert self.ctl_many
+        total = self.clients * self.per_client  # per client: its own and every other's
+        clients = [many_ip(c) for c in range(self.clients)]
+        self.restart_clients()  # fresh clients: no stale routes kept from the last reflector
+        # The clients share one namespace, so a client would refuse a route whose next hop
+        # is another client's (one of its own addresses): the reflector sets itself.
+        proc = self.start(reflector, self.tmp / f"many-{reflector}", clients, next_hop_self=True)
+        started = time.monotonic()
+        try:
+            pids: list[int] = []
+
+            waiting = list(self.ctl_many)
+
+            def converged() -> bool:
+                pids[:] = sorted(set(pids) | set(process_tree(proc.pid)))
+                while waiting:
+                    out = birdc_in(waiting[0], "show", "route", "count")
+                    numbers = [int(w) for w in out.replace(",", " ").split() if w.isdigit()]
+                    if not numbers or numbers[0] < total:
+                        return False
+                    waiting.pop(0)  # routes do not go away: look at each client until done
+                return True
+
+            wait_for(f"{self.clients} clients to converge through {reflector}", converged)
+            took = time.monotonic() - started
+            cpu: Counter[str] = Counter()
+            for pid in pids:
+                cpu[role(pid)] += cpu_seconds(pid)
+            settle(pids)
+            tree = process_tree(proc.pid)
+            rss = {r: rss_bytes([pid for pid in tree if role(pid) == r]) for r in map(role, tree)}
+            before = {pid: cpu_seconds(pid) for pid in tree}
+            time.sleep(IDLE_WINDOW)
+            idle: Counter[str] = Counter()
+            for pid in tree:
+                idle[role(pid)] += (cpu_seconds(pid) - before[pid]) / IDLE_WINDOW
+        finally:
+            self.stop(proc)
+        return ManyRun(took, dict(cpu), rss, dict(idle))
+
+
+def render_rr(bench: RrBench, repeats: int, loads: tuple[str, str]) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    ours, ref = bench.runs["l3fabric"], bench.runs["bird"]
+    lines = [
+        RR_START,
+        f"## BGP convergence through a route reflector, {bench.routes} prefixes "
+        "(`bench/converge.py --reflector`)",
+        "",
+        f"`sudo python bench/converge.py --reflector --routes {bench.routes} --repeats {repeats} "
+        f"--clients {bench.clients} --client-routes {bench.per_client}` — {when}, "
+        f"{os.cpu_count()} CPUs, Linux {platform.release()}.",
+        "Client A (BIRD) announces /28s over iBGP to the reflector — an l3fabric agent whose "
+        "Node has a cluster ID, or BIRD 2 with `rr client` (both also install the routes into "
+        "their own kernel) — which reflects them to client B (BIRD + kernel protocol); all on "
+        "one bridge, reflectors alternating run by run. Seconds until B's kernel holds every "
+        f"route (netlink dump every 50 ms); medians of {repeats}; ratio = l3fabric / BIRD "
+        f"(target <= {TARGET}x). Load average before: {loads[0]}, after: {loads[1]}.",
+        "",
+        "| | l3fabric s | BIRD s | ratio | target | l3fabric runs | BIRD runs |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for label, attr, targeted in (
+        ("(b) A announces → all in B's kernel", "announce", True),
+        ("(b) A announces → first route in B's kernel", "first", False),
+        ("(c) A withdraws → none left in B's kernel", "withdraw", False),
+    ):
+        a, b = [getattr(r, attr) for r in ours], [getattr(r, attr) for r in ref]
+        ratio = median(a) / median(b)
+        verdict = (f"<= {TARGET}x " + ("met" if ratio <= TARGET else "MISSED")) if targeted else "—"
+        lines.append(
+            f"| {label} | {median(a):.3f} | {median(b):.3f} | {ratio:.1f}x | {verdict} | "
+            f"{', '.join(f'{x:.2f}' for x in a)} | {', '.join(f'{x:.2f}' for x in b)} |"
+        )
+    cpu_ours = {k: median([r.cpu.get(k, 0.0) for r in ours]) for k in ("ExaBGP", "relay", "agent")}
+    cpu_ref = median([r.cpu.get("bird", 0.0) for r in ref])
+    lines += [
+        "",
+        f"Reflector CPU seconds during (b), medians: l3fabric {sum(cpu_ours.values()):.2f} "
+        f"(ExaBGP {cpu_ours['ExaBGP']:.2f}, relay {cpu_ours['relay']:.2f}, agent "
+        f"{cpu_ours['agent']:.2f}); BIRD {cpu_ref:.2f}. RSS with the {bench.routes} routes in: "
+        f"l3fabric {median([r.rss for r in ours]) / 2**20:.0f} MiB, BIRD "
+        f"{median([r.rss for r in ref]) / 2**20:.0f} MiB.",
+    ]
+    bird_b = median([r.announce for r in ref])
+    if median([r.announce for r in ours]) > TARGET * bird_b:
+        lines += [
+            "",
+            f"Why (b) misses: the reflector's ExaBGP spent {cpu_ours['ExaBGP']:.2f} CPU s — "
+            f"{cpu_ours['ExaBGP'] / max(bird_b, 0.01):.0f}x BIRD's whole wall time — receiving "
+            f"the {bench.routes} routes from A, taking the same number back in through its API "
+            "(`neighbor B announce attributes ... originator-id ... cluster-list ...`, 1,000 "
+            "prefixes per command) and sending them to B; the agent's own work (JSON decoding, "
+            f"RIB, kernel routes, reflection plan) is {cpu_ours['agent']:.2f} CPU s. Profiled "
+            "with py-spy (one run): about a third of ExaBGP's samples are `copy.deepcopy` of "
+            "every API route per neighbour (`Neighbor.remove_self`, called even when the next "
+            "hop is not `self`), ~15% more its per-route configuration injection and UPDATE "
+            "packing. An ExaBGP-driven reflector cannot come near 1.5x BIRD; only a speaker "
+            "that reflects in its own process (no API round trip per route) could.",
+        ]
+    if bench.many:
+        n, k = bench.clients, bench.per_client
+        lines += [
+            "",
+            f"{n} clients, {k} prefixes each ({n * k} prefixes, each reflected to {n - 1} "
+            f"clients: {n * k * (n - 1):,} routes out), one run each, from the reflector's "
+            "start until every client holds every other client's routes:",
+            "",
+            "| reflector | converged s | CPU s (start → converged) | RSS MiB | idle CPU |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name in REFLECTORS:
+            run = bench.many.get(name)
+            if run is None:
+                continue
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(run.cpu.items()) if v >= 0.01)
+            idle = ", ".join(f"{k} {v:.1%}" for k, v in sorted(run.idle.items()) if v >= 0.001)
+            lines.append(
+                f"| {name} | {run.converge:.2f} | {sum(run.cpu.values()):.2f}"
+                + (f" ({parts})" if name == "l3fabric" else "")
+                + f" | {sum(run.rss.values()) / 2**20:.0f}"
+                + (
+                    f" ({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(run.rss.items()))})"
+                    if name == "l3fabric"
+                    else ""
+                )
+                + f" | {sum(run.idle.values()):.1%}"
+                + (f" ({idle})" if name == "l3fabric" and idle else "")
+                + " |"
+            )
+        if "l3fabric" in bench.many:
+            lines += [
+                "",
+                "ExaBGP keeps an adj-RIB-out per neighbour (route refresh needs it) holding a "
+                "deep copy of every route sent to it; BIRD shares one route between all.",
+            ]
+    lines.append(RR_END)
+    return "\n".join(lines)
+
+
+def write_rr_section(text: str, path: Path = RESULTS) -> None:
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if RR_START in old and RR_END in old:
+        head, rest = old.split(RR_START, 1)
+        new = head + text + rest.split(RR_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main_reflector(args: argparse.Namespace) -> int:
+    before = load_average()
+    with (
+        rr_namespaces(args.clients),
+        tempfile.TemporaryDirectory(prefix="l3fabric-converge-rr-") as tmpdir,
+    ):
+        tmp = Path(tmpdir)
+        ctl_a, ctl_b = tmp / "a.ctl", tmp / "b.ctl"
+        (tmp / "a.conf").write_text(client_a_config(prefixes(args.routes)))
+        (tmp / "b.conf").write_text(CLIENT_B_CONFIG)
+        clients = [
+            spawn(CA, ["bird", "-f", "-c", str(tmp / "a.conf"), "-s", str(ctl_a),
+                       "-P", str(tmp / "a.pid")], tmp / "a.out"),
+            spawn(CB, ["bird", "-f", "-c", str(tmp / "b.conf"), "-s", str(ctl_b),
+                       "-P", str(tmp / "b.pid")], tmp / "b.out"),
+        ]  # fmt: skip
+        bench: RrBench | None = None
+        try:
+            for ctl in (ctl_a, ctl_b):
+                wait_for("the client BIRDs", lambda ctl=ctl: birdc_answers(ctl), 30)
+            bench = RrBench(tmp, args.routes, args.clients, args.client_routes,
+                            RouteCounter(CB), ctl_a)  # fmt: skip
+            for repeat in range(args.repeats):
+                order = REFLECTORS if repeat % 2 == 0 else REFLECTORS[::-1]
+                for reflector in order:
+                    run = bench.run(reflector, repeat, ctl_b)
+                    bench.runs[reflector].append(run)
+                    print(f"run {repeat + 1}/{args.repeats} {reflector:8s}: (b) {run.announce:.3f}"
+                          f" first {run.first:.3f} (c) {run.withdraw:.3f} rss "
+                          f"{run.rss / 2**20:.0f} MiB cpu "
+                          f"{', '.join(f'{k} {v:.2f}' for k, v in run.cpu.items())}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            for proc in clients:
+                proc.terminate()
+                proc.wait(timeout=10)
+            clients = []
+            if args.clients:
+                bench.ctl_many = [tmp / f"many{c}.ctl" for c in range(args.clients)]
+                for reflector in REFLECTORS:
+                    run = bench.run_many(reflector)
+                    bench.many[reflector] = run
+                    print(f"{args.clients} clients {reflector:8s}: converged {run.converge:.2f} s"
+                          f" cpu {sum(run.cpu.values()):.2f} rss {run.rss} idle {run.idle}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            for proc in [*clients, *(bench.many_procs if bench else [])]:
+                proc.kill()
+                proc.wait()
+    assert bench is not None
+    text = render_rr(bench, args.repeats, (before, load_average()))
+    print(text)
+    if not args.no_write:
+        write_rr_section(text)
+        print(f"written to {RESULTS}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routes", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="add a py-spy profiled run")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--reflector", action="store_true",
+        help="the route reflector case instead: l3fabric vs BIRD reflecting between clients",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=50,
+        help="--reflector: clients of the CPU/RSS run (0: skip it)",
+    )
+    parser.add_argument(
+        "--client-routes",
+        type=int,
+        default=40,
+        help="--reflector: prefixes each of those clients announces",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
+    if args.reflector:
+        if not 0 <= args.clients <= 150:
+            parser.error("--clients: 0..150")
+        return main_reflector(args)
     if not 1 <= args.routes <= POOL.size // 16:
         parser.error(f"--routes: 1..{POOL.size // 16}")
     for tool in ("bird", "birdc"):

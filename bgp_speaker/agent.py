@@ -47,8 +47,9 @@ class AgentSettings:
     """Local API socket, created with mode 0600."""
     state_dir: Path = DEFAULT_STATE_DIR
     """Node-local state (the workload records when the store is Kubernetes)."""
-    mtu: int = DEFAULT_MTU
-    """Pod interface MTU when the CNI config names none."""
+    mtu: int | None = None
+    """Pod interface MTU when the CNI config names none; None: the underlay's less the
+    encapsulation overhead of the pools (DEFAULT_MTU until the routing half knows it)."""
     workers: int = 8
     """Threads running blocking IPAM and netlink work; bounds concurrent CNI calls."""
     host_netns: str | None = None
@@ -64,7 +65,7 @@ class AgentSettings:
 
     def __post_init__(self) -> None:
         check_object_name(self.node, "node")
-        if not 68 <= self.mtu <= 65535:
+        if self.mtu is not None and not 68 <= self.mtu <= 65535:
             raise InvalidInput("mtu", f"{self.mtu} is outside 68..65535")
         if not 1 <= self.workers <= 256:
             raise InvalidInput("workers", f"{self.workers} is outside 1..256")
@@ -80,9 +81,12 @@ async def _serve(settings: AgentSettings) -> int:
     records_store = open_records_store(store, settings.state_dir)
     ipam = IPAM(store)
     records = WorkloadRecords(records_store, settings.node)
-    pods = PodNetwork(
-        settings.node, ipam, records, HostDataplane(settings.host_netns), settings.mtu
-    )
+    routing = RoutingHolder(settings.node)
+
+    def pod_mtu() -> int:
+        return settings.mtu or routing.pod_mtu() or DEFAULT_MTU
+
+    pods = PodNetwork(settings.node, ipam, records, HostDataplane(settings.host_netns), pod_mtu)
     started = time.time()
 
     def agent_status(_: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +102,6 @@ async def _serve(settings: AgentSettings) -> int:
     def workloads_list(_: dict[str, Any]) -> dict[str, Any]:
         return {"workloads": [dict(render_workload(w).spec) for w in records.on_node()]}
 
-    routing = RoutingHolder(settings.node)
-
     def node_status(_: dict[str, Any]) -> dict[str, Any]:
         return routing.status()
 
@@ -110,6 +112,7 @@ async def _serve(settings: AgentSettings) -> int:
             "agent.status": agent_status,
             "workloads.list": workloads_list,
             "node.status": node_status,
+            "node.routes": lambda args: routing.routes(args.get("prefix")),
         },
         workers=settings.workers,
     )

@@ -33,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"node-local state (default: {DEFAULT_STATE_DIR})",
     )
     agent.add_argument(
-        "--mtu", type=int, default=DEFAULT_MTU, help="pod MTU when the CNI config sets none"
+        "--mtu",
+        type=int,
+        default=None,
+        help="pod MTU when the CNI config sets none (default: the underlay's less the pools' "
+        f"encapsulation overhead, {DEFAULT_MTU} until known)",
     )
     agent.add_argument(
         "--workers", type=int, default=8, help="threads for IPAM/netlink work (default: 8)"

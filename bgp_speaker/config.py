@@ -16,6 +16,8 @@ BGP_CONFIG_NAME = "default"
 DEFAULT_AS = 64512
 DEFAULT_HOLD = 90
 DEFAULT_GRACEFUL_RESTART = 120
+DEFAULT_VXLAN_VNI = 4096
+DEFAULT_VXLAN_PORT = 4789
 
 
 class NextHopMode(StrEnum):
@@ -46,6 +48,8 @@ class BgpConfig:
     graceful_restart_time: int = DEFAULT_GRACEFUL_RESTART  # 0 disables
     communities: tuple[Community, ...] = ()
     prefix_advertisements: tuple[PrefixAdvertisement, ...] = ()
+    vxlan_vni: int = DEFAULT_VXLAN_VNI  # the VXLAN fallback's VNI and UDP port, cluster-wide
+    vxlan_port: int = DEFAULT_VXLAN_PORT
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ def parse_bgp_config(res: Resource | None) -> BgpConfig:
             PrefixAdvertisement(p["cidr"], tuple(p.get("communities") or ()))
             for p in spec.get("prefixAdvertisements") or ()
         ),
+        vxlan_vni=_int(spec, "vxlanVNI", 1, 16777215, where) or DEFAULT_VXLAN_VNI,
+        vxlan_port=_int(spec, "vxlanPort", 1, 65535, where) or DEFAULT_VXLAN_PORT,
     )
 
 

@@ -7,8 +7,10 @@ Pure: no I/O. Formats as ExaBGP 5.0.15 writes and reads them (captured samples l
   with ``reason``), ``update`` (``message.update`` with ``attribute``, ``announce``
   ``{family: {next hop: [{nlri}]}}``, ``withdraw`` ``{family: [{nlri}]}``; or
   ``message.eor {afi, safi}`` for an End-of-RIB), and others we do not act on
-  (``notification``, ``refresh``, ...). ``as-path`` is ``{"0": {"element": "as-sequence",
-  "value": [...]}, ...}``; communities are ``[[high, low], ...]``.
+  (``notification``, ``refresh``, ...); a received ``open`` gives the peer's BGP
+  identifier, graceful-restart and hold time, a ``keepalive`` that the peer is alive.
+  ``as-path`` is ``{"0": {"element": "as-sequence", "value": [...]}, ...}``; communities
+  are ``[[high, low], ...]``.
 - plain ``done``/``error`` lines acknowledge commands (``exabgp.api.ack=true``), without
   saying which: they are matched to commands in order. Some commands print more text
   before their ack (``reload in progress``, ``exabgp 5.0.15``).
@@ -45,6 +47,8 @@ from bgp_speaker.routes import (
     IPAddr,
     IPNet,
     PathAttributes,
+    PeerAlive,
+    PeerOpened,
     PeerStateChanged,
     RoutesAnnounced,
     RoutesWithdrawn,
@@ -167,6 +171,19 @@ def _decode_message(kind: str, obj: dict[str, Any]) -> Iterator[SpeakerEvent]:
         peer = ip_address(neighbor["address"]["peer"])
         state = SessionState(neighbor["state"])
         yield PeerStateChanged(peer, state, str(neighbor.get("reason", "")))
+    elif kind == "open":
+        neighbor = obj["neighbor"]
+        if neighbor.get("direction", "receive") == "receive":
+            peer = ip_address(neighbor["address"]["peer"])
+            opened = neighbor["open"]
+            yield PeerOpened(
+                peer, IPv4Address(opened["router_id"]), _restart_time(opened),
+                int(opened["hold_time"]) if "hold_time" in opened else None,
+            )  # fmt: skip
+    elif kind == "keepalive":
+        neighbor = obj["neighbor"]
+        if neighbor.get("direction", "receive") == "receive":
+            yield PeerAlive(ip_address(neighbor["address"]["peer"]))
     elif kind == "update":
         neighbor = obj["neighbor"]
         if neighbor.get("direction", "receive") != "receive":
@@ -177,6 +194,15 @@ def _decode_message(kind: str, obj: dict[str, Any]) -> Iterator[SpeakerEvent]:
             yield EndOfRib(peer)
         else:
             yield from _decode_update(peer, message["update"])
+
+
+def _restart_time(opened: dict[str, Any]) -> int | None:
+    """The restart time of the OPEN's graceful-restart capability (code 64), if it has one:
+    ``"64": {"name": "graceful restart", "time": 120, ...}``."""
+    for code, capability in (opened.get("capabilities") or {}).items():
+        if str(code) == "64" and isinstance(capability, dict):
+            return int(capability.get("time", 0))
+    return None
 
 
 def _decode_update(peer: IPAddr, update: dict[str, Any]) -> Iterator[SpeakerEvent]:

@@ -137,6 +137,8 @@ def _render_neighbor(session: SessionSpec, listen: bool, listen_port: int) -> li
         "        neighbor-changes;",
         "        receive {",
         "            parsed;",
+        "            open;",
+        "            keepalive;",
         "            update;",
         "        }",
         "    }",

@@ -175,6 +175,12 @@ class Fib:
         outcome = self._apply(changes, stale, already_skipped=foreign)
         return outcome.changed, outcome.removed
 
+    def links_changed(self) -> None:
+        """Interfaces were deleted and created again (a tunnel device replaced): resolve
+        names anew before the next change, since an interface's index is not its name's."""
+        self._links = {}
+        self._names = {}
+
     def close(self) -> None:
         self._sock.close()
 

@@ -3,6 +3,16 @@
 Sessions between two l3fabric nodes are opened by the node with the lower address; the
 other side is passive, so the two never race each other into a connection collision.
 Explicit BGPPeer sessions win over mesh sessions to the same address.
+
+A selector peering works both ways, as it does in Calico: a BGPPeer with `peerSelector` makes
+the nodes it holds for (`nodeSelector`/`node`) peer with the nodes `peerSelector` matches,
+and therefore also the matched nodes with the nodes it holds for. So the usual reflector
+setup is one BGPPeer (empty nodeSelector, `peerSelector: route-reflector == "true"`): the
+clients get sessions to the reflectors, the reflectors to the clients and to each other.
+
+On a route reflector (a node with a cluster ID), an iBGP `peerIP` peer is a route reflector
+client (reflected routes go to it: a BIRD or FRR box beside the nodes); an eBGP one is an
+external peer that only gets the node's own routes.
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ def desired_sessions(
             ),
             md5_password=resolve_password(peer.password) if peer and peer.password else None,
             graceful_restart_time=cfg.graceful_restart_time or None,
+            max_restart_time=peer.max_restart_time if peer else None,
             max_prefixes=peer.max_prefixes if peer else None,
             rr_client=rr_client,
             name=name,
@@ -83,20 +94,25 @@ def desired_sessions(
         if not _holds(me, peer):
             continue
         if peer.peer_ip is not None:
+            peer_as = peer.as_number or cfg.as_number
+            client = bool(me.route_reflector_cluster_id) and peer_as == local_as
+            kind = PeerType.GLOBAL if peer.selects_all_nodes else PeerType.NODE
             add(
                 SessionSpec(
                     peer_ip=peer.peer_ip,
-                    peer_as=peer.as_number or cfg.as_number,
+                    peer_as=peer_as,
                     local_as=local_as,
                     local_address=peer.source_address or my_address,
                     router_id=my_address,
-                    peer_type=PeerType.GLOBAL if peer.selects_all_nodes else PeerType.NODE,
+                    peer_type=PeerType.RR_CLIENT if client else kind,
                     peer_port=peer.peer_port,
                     hold_time=peer.hold_time or cfg.hold_time,
                     keepalive_time=peer.keepalive_time or cfg.keepalive_time,
                     md5_password=resolve_password(peer.password) if peer.password else None,
                     graceful_restart_time=cfg.graceful_restart_time or None,
+                    max_restart_time=peer.max_restart_time,
                     max_prefixes=peer.max_prefixes,
+                    rr_client=client,
                     name=peer.name,
                 )
             )
@@ -104,6 +120,18 @@ def desired_sessions(
         assert peer.peer_selector is not None
         for other in nodes:
             if peer.peer_selector.matches(other.labels):
+                peer_type, rr_client = _node_peer_type(me, other)
+                spec = between_nodes(other, peer_type, rr_client, peer.name, peer)
+                if spec is not None:
+                    add(spec)
+
+    # The other direction of selector peerings: we are matched by a peerSelector, so we peer
+    # with the nodes that BGPPeer holds for.
+    for peer in sorted(peers, key=lambda p: p.name):
+        if peer.peer_selector is None or not peer.peer_selector.matches(me.labels):
+            continue
+        for other in nodes:
+            if _holds(other, peer):
                 peer_type, rr_client = _node_peer_type(me, other)
                 spec = between_nodes(other, peer_type, rr_client, peer.name, peer)
                 if spec is not None:

@@ -128,14 +128,21 @@ class PodNetwork:
         ipam: IPAM,
         records: WorkloadRecords,
         dp: Dataplane,
-        default_mtu: int,
+        default_mtu: int | Callable[[], int],
     ) -> None:
         self.node = node
         self.ipam = ipam
         self.records = records
         self.dp = dp
-        self.default_mtu = default_mtu
+        self._default_mtu = default_mtu
         self._locks = KeyedLock()
+
+    @property
+    def default_mtu(self) -> int:
+        """The pod MTU when the CNI config names none: fixed, or (a callable) following the
+        overlay's encapsulation (1480 under IP-in-IP, 1450 under VXLAN on a 1500 underlay)."""
+        mtu = self._default_mtu
+        return mtu() if callable(mtu) else mtu
 
     @property
     def in_flight(self) -> int:

@@ -200,6 +200,14 @@ class Rib:
     def prefixes(self) -> list[IPNet]:
         return list(self._paths)
 
+    def learned_from(self, peer: IPAddr) -> set[IPNet]:
+        """Every prefix the peer announced and still holds (accepted or not)."""
+        return set(self._by_peer.get(peer, ()))
+
+    def candidates(self, prefix: IPNet) -> list[Path]:
+        """Every accepted path for the prefix (what `select` chooses from)."""
+        return self._accepted(prefix)
+
     def received(self, peer: IPAddr) -> int:
         return len(self._by_peer.get(peer, ()))
 

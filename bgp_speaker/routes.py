@@ -45,6 +45,7 @@ class SessionSpec:
     keepalive_time: int | None = None  # None: hold_time / 3
     md5_password: str | None = None
     graceful_restart_time: int | None = 120  # None: capability not advertised
+    max_restart_time: int | None = None  # BGPPeer.maxRestartTime: caps the peer's restart time
     max_prefixes: int | None = None
     rr_client: bool = False  # we are its reflector (RFC 4456 client)
     name: str = ""  # the BGPPeer (or "mesh") this session comes from
@@ -101,13 +102,41 @@ class EndOfRib:
 
 
 @dataclass(frozen=True)
+class PeerOpened:
+    """The peer's OPEN arrived: its BGP identifier (route reflection needs it as the
+    ORIGINATOR_ID of the routes it taught us)."""
+
+    peer: IPAddr
+    router_id: IPv4Address
+    graceful_restart_time: int | None = None
+    """The restart time of the peer's graceful-restart capability; None: it has none."""
+    hold_time: int | None = None
+    """The hold time the peer proposed (the session uses the smaller of ours and its)."""
+
+
+@dataclass(frozen=True)
+class PeerAlive:
+    """A KEEPALIVE from the peer: it is there (the agent's own hold timer, see graceful)."""
+
+    peer: IPAddr
+
+
+@dataclass(frozen=True)
 class SpeakerRestarted:
     """The BGP daemon died and was started again: every session is new."""
 
     reason: str = ""
 
 
-SpeakerEvent = PeerStateChanged | RoutesAnnounced | RoutesWithdrawn | EndOfRib | SpeakerRestarted
+SpeakerEvent = (
+    PeerStateChanged
+    | RoutesAnnounced
+    | RoutesWithdrawn
+    | EndOfRib
+    | SpeakerRestarted
+    | PeerOpened
+    | PeerAlive
+)
 
 
 # --- kernel routes --------------------------------------------------------------------------

@@ -10,15 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from netaddr import IPNetwork
+
+from bgp_speaker.autodetect import detect_ipv4
 from bgp_speaker.config import BGP_CONFIG_NAME, parse_bgp_config
 from bgp_speaker.exabgp_process import ExaBGPSpeaker
 from bgp_speaker.fib import Fib
+from bgp_speaker.nat import NatTable
+from bgp_speaker.overlay import Overlay
+from bgp_speaker.peering import describe_routes
 from bgp_speaker.peers import node_address
 from bgp_speaker.routing import RoutingController
-from ipam_blocks.errors import L3FabricError, NotFound
+from bgp_speaker.tunnels import EncapFib, Tunnels
+from ipam_blocks.allocator import IPAM
+from ipam_blocks.errors import Conflict, L3FabricError, NotFound
 from ipam_blocks.model import parse_node
 from ipam_blocks.store.base import Store
 
@@ -57,16 +67,46 @@ class RoutingHolder:
             "synced": False,
         }
 
+    def pod_mtu(self) -> int | None:
+        """The overlay's pod MTU (None: routing not running or the underlay not seen yet).
+        Plain attribute reads: safe from the CNI worker threads."""
+        controller = self.controller
+        return controller.pod_mtu() if controller is not None else None
 
-def _identity(store: Store, node: str) -> tuple[Any, int, int] | None:
-    """(router id, local AS, listen port) once the node has an address."""
+    def routes(self, prefix: str | None = None) -> dict[str, Any]:
+        """`node.routes`: the RIB's accepted paths with their attributes (read on the loop)."""
+        controller, loop = self.controller, self.loop
+        if controller is None or loop is None:
+            return {"routes": []}
+
+        async def snapshot() -> dict[str, Any]:
+            return describe_routes(controller.rib, controller.peering, prefix)
+
+        return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(STATUS_TIMEOUT)
+
+
+def _identity(
+    store: Store, node: str, detect: Callable[[], IPNetwork | None] = lambda: None
+) -> tuple[Any, int, int] | None:
+    """(router id, local AS, listen port) once the node has an address. A node without one
+    gets the detected address written to it (in a cluster: its annotation), as Calico does."""
     try:
-        me = parse_node(store.get("Node", node))
+        res = store.get("Node", node)
     except NotFound:
         return None
+    me = parse_node(res)
     address = node_address(me)
     if address is None:
-        return None
+        detected = detect()
+        if detected is None:
+            return None
+        try:
+            me = parse_node(store.update(res.with_spec({**res.spec, "ipv4Address": str(detected)})))
+        except Conflict:
+            return None  # changed meanwhile: look again on the next poll
+        log.info("detected node address", extra={"op": "routing", "node": node,
+                                                 "address": str(detected)})  # fmt: skip
+        address = node_address(me)
     try:
         cfg = parse_bgp_config(store.get("BGPConfiguration", BGP_CONFIG_NAME))
     except NotFound:
@@ -85,7 +125,9 @@ async def run_routing(
     identity = None
     while identity is None and not stop.is_set():
         try:
-            identity = await asyncio.to_thread(_identity, store, node)
+            identity = await asyncio.to_thread(
+                _identity, store, node, partial(detect_ipv4, settings.host_netns)
+            )
         except L3FabricError as err:
             log.warning("cannot read node", extra={"op": "routing", "reason": str(err)})
         if identity is None:
@@ -99,8 +141,10 @@ async def run_routing(
         workdir, router_id, local_as, listen=True, netns=settings.host_netns,
         listen_port=listen_port,
     )  # fmt: skip
-    fib = Fib(netns=settings.host_netns)
-    controller = RoutingController(node, store, speaker, fib)
+    tunnels = Tunnels(node, settings.host_netns, IPAM(store))
+    fib = EncapFib(Fib(netns=settings.host_netns), tunnels)
+    overlay = Overlay(tunnels, NatTable(settings.host_netns))
+    controller = RoutingController(node, store, speaker, fib, overlay=overlay)
     await speaker.start()
     holder.loop = asyncio.get_running_loop()
     holder.controller = controller

@@ -52,4 +52,20 @@ def render_node_status(status: dict[str, Any], now: float | None = None) -> Rend
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else "")
         + f"   ExaBGP restarts: {status['speaker_restarts']}"
     )
-    return Group(header, table, footer)
+    overlay = _overlay_line(status.get("overlay"))
+    return Group(header, table, footer, *([overlay] if overlay is not None else []))
+
+
+def _overlay_line(overlay: dict[str, Any] | None) -> Text | None:
+    """Tunnel devices, pod MTU, NAT, and any encapsulation this node cannot provide."""
+    if not overlay:
+        return None
+    devices = ", ".join(f"{name} mtu {mtu}" for name, mtu in sorted(overlay["devices"].items()))
+    parts = [
+        f"encapsulation: {devices or 'none'}",
+        f"pod MTU {overlay.get('pod_mtu') or '-'}",
+        f"natOutgoing {'on' if (overlay.get('nat') or {}).get('enabled') else 'off'}",
+    ]
+    parts += [f"{kind} UNAVAILABLE: {why}" for kind, why in sorted(overlay["unavailable"].items())]
+    parts += [f"{part} error: {why}" for part, why in sorted(overlay["errors"].items())]
+    return Text("   ".join(parts))

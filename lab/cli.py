@@ -3,6 +3,7 @@
     l3fabric lab up FILE [--state-dir DIR] [--store URL] [--pool-cidr CIDR] [--block-size N]
     l3fabric lab down FILE [--state-dir DIR]
     l3fabric lab status FILE [--state-dir DIR] [-o table|json]     exit 1 unless all is well
+    l3fabric lab register FILE [--store URL] [--pool-cidr CIDR] [--block-size N]
     l3fabric lab pod add NODE NAME [--namespace NS] [--lab LAB | --state-dir DIR]
     l3fabric lab pod del NAME [--lab LAB | --state-dir DIR]
     l3fabric lab pod exec NAME [--lab LAB | --state-dir DIR] -- CMD...
@@ -28,7 +29,7 @@ from lab.errors import LabAlreadyUp
 from lab.realise import DEFAULT_POOL
 from lab.state import DEFAULT_STATE_ROOT, StateFile, default_state_dir, find_state_dir
 from lab.status import LabStatus
-from lab.topology import Topology, parse_lab_name, parse_topology_yaml
+from lab.topology import Role, Topology, parse_lab_name, parse_topology_yaml
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -114,6 +115,22 @@ def _register_lab(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
     status.set_defaults(handler=_lab_status)
 
+    register = lab.add_parser(
+        "register",
+        help="put a topology's objects and nodes into a store (for labs containerlab runs)",
+        description="What `lab up` does to its store before the agents start, for a store "
+        "of your choosing (--store): apply the objects file bound at "
+        "/etc/l3fabric/objects.yaml (BGPPeers, BGPConfiguration, IPPools), add a default "
+        "pool when there is none, and a Node record per l3fabric node from its labels. "
+        "Creates no namespace and starts nothing: use it when real containerlab runs FILE.",
+    )
+    register.add_argument("file", type=Path, metavar="FILE", help="containerlab topology file")
+    register.add_argument("--pool-cidr", default=str(DEFAULT_POOL.cidr), metavar="CIDR",
+                          help=f"default pool CIDR (default: {DEFAULT_POOL.cidr})")
+    register.add_argument("--block-size", type=int, default=DEFAULT_POOL.block_size,
+                          metavar="N", help=f"(default: {DEFAULT_POOL.block_size})")
+    register.set_defaults(handler=_lab_register)
+
     pod = verb_group(lab, "pod", help="pods on lab nodes, attached through the real CNI path")
     add = pod.add_parser(
         "add",
@@ -189,6 +206,26 @@ def _lab_up(args: argparse.Namespace) -> int:
     console = make_console()
     console.print(f"lab {topology.name} is up; state in {state_dir}")
     console.print(render_status(inspect_lab(state)))
+    return EXIT_OK
+
+
+def _lab_register(args: argparse.Namespace) -> int:
+    from ipam_blocks.store import default_store_url, open_store
+    from lab.objects import register_topology
+
+    topology = _load(args.file)
+    try:
+        pool = IPPool("default", IPNetwork(args.pool_cidr), args.block_size)
+    except (AddrFormatError, ValueError):
+        raise InvalidInput("pool-cidr", f"{args.pool_cidr!r} is not a CIDR") from None
+    url = getattr(args, "store", None) or default_store_url()
+    store = open_store(url)
+    try:
+        applied = register_topology(store, topology, pool)
+    finally:
+        store.close()
+    nodes = ", ".join(n.name for n in topology.by_role(Role.AGENT)) or "none"
+    print(f"{len(applied)} objects applied, nodes {nodes} registered in {url}")
     return EXIT_OK
 
 

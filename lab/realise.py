@@ -10,7 +10,9 @@
 4. each node's `exec` lines, inside its namespace, with its `env` (split like containerlab
    does, no shell), output in the node's `exec.log`. They run before the daemons so the
    addresses they set are there to bind to;
-5. the store: a default IPPool if there is none, a Node record per l3fabric node;
+5. the store: the topology's objects (`lab.objects`: BGPPeers, BGPConfiguration, ... from
+   the file bound at /etc/l3fabric/objects.yaml), a default IPPool if there is none, a Node
+   record per l3fabric node;
 6. the daemons (`lab.daemons`): FRR and BIRD first, then the agents (peers listening first
    spares the agents' BGP reconnect backoff); each detached, its PID recorded; then wait
    until each serves, and load FRR's config with vtysh.
@@ -40,15 +42,14 @@ from pathlib import Path
 
 from netaddr import IPNetwork
 
-from ipam_blocks.allocator import IPAM
-from ipam_blocks.errors import InvalidInput, L3FabricError, NotFound
-from ipam_blocks.model import IPPool, Node
-from ipam_blocks.pools import add_node, add_pool
+from ipam_blocks.errors import InvalidInput, L3FabricError
+from ipam_blocks.model import IPPool
 from ipam_blocks.store import open_store
 from lab import host
 from lab.daemons import Daemon, Readiness, frr_load_argv, frr_run_dir, plan_daemons
 from lab.errors import LabError
 from lab.layout import LabPaths, NodeDirs
+from lab.objects import register_topology
 from lab.pods import detach_pod
 from lab.state import LabState, Phase, ProcessRecord, StateFile
 from lab.status import agent_answers
@@ -194,22 +195,11 @@ class _Realiser:
                 host.run_logged(host.in_netns(ns, argv), what=what, env=_env(node), log=log)
 
     def _register(self) -> None:
-        """A default pool when the store has none, and a Node per l3fabric node (a Node
-        already there, e.g. in a shared store, is kept as it is)."""
+        """The topology's objects, a default pool when the store has none, and a Node per
+        l3fabric node (see `lab.objects.register_topology`)."""
         store = open_store(self.state.store)
         try:
-            ipam = IPAM(store)
-            if not ipam.pools():
-                add_pool(ipam, self.pool)
-            for node in self.topo.by_role(Role.AGENT):
-                try:
-                    store.get("Node", node.name)
-                    log.info("node kept", extra={"op": "lab-up", "node": node.name})
-                    continue
-                except NotFound:
-                    pass
-                f = node.fabric
-                add_node(ipam, Node(node.name, dict(node.labels), f.ipv4, f.asn, f.rr_cluster_id))
+            register_topology(store, self.topo, self.pool)
         finally:
             store.close()
 

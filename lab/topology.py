@@ -10,6 +10,9 @@ own vocabulary:
   a plain namespace that only runs its `exec` lines.
 - per-node l3fabric settings are container labels under `l3fabric.io/` (see `FABRIC_LABELS`);
   every other label becomes a label of the node's Node record (selectors match on them).
+- cluster-wide l3fabric objects (BGPPeers, BGPConfiguration, IPPools) live in a YAML file
+  beside the topology, bound into the l3fabric nodes at `/etc/l3fabric/objects.yaml`
+  (`lab.objects`).
 - `defaults`, `kinds` and `groups` are inherited the way containerlab does it: maps (`env`,
   `labels`) merge, `binds` merge by container path, scalars and `exec` take the most
   specific level that sets them (node > group > kind > defaults).

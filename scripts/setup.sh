@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     python3-pip python3-venv iproute2 iputils-ping containernetworking-plugins
     bird2 frr iptables nftables tcpdump
+    # IP-in-IP tests run in a throw-away VM with Debian's kernel (this kernel has no ipip).
+    qemu-system-x86 busybox-static linux-image-amd64
 )
 PYTHON=${PYTHON:-python3}
 

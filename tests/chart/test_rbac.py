@@ -45,6 +45,7 @@ from tests.chart.conftest import NAMESPACE, TOR_PEERS, render_objects
 from tests.kube_api_double import KubeApiDouble, RecordedRequest
 
 NODE = "node-a"
+UNANNOTATED = "node-c"
 POOL = IPNetwork("10.244.0.0/24")
 OLD = 1000.0  # "long ago" for allocations, claims and suspicions made in the setup
 SECRETS_GET = ("", "secrets", "get")
@@ -153,6 +154,7 @@ def admin(api: KubeApiDouble) -> Iterator[KubeStore]:
     store.create(Resource("IPPool", "pool", {"cidr": str(POOL), "blockSize": 26}))
     store.create(Resource("Node", NODE, {"ipv4Address": "192.0.2.1/24"}, {"rack": "r1"}))
     store.create(Resource("Node", "node-b", {"ipv4Address": "192.0.2.2/24"}, {"rack": "r1"}))
+    store.create(Resource("Node", UNANNOTATED, {}, {"rack": "r2"}))
     store.create(Resource("BGPConfiguration", "default", {"nodeToNodeMeshEnabled": True}))
     store.create(
         Resource("BGPPeer", "tor", {"peerIP": "192.0.2.254", "asNumber": 65001, "nodeSelector": {}})
@@ -265,6 +267,9 @@ def run_agent_scenario(api: KubeApiDouble, admin: KubeStore, tmp_path: Path) -> 
         ipam = IPAM(store)
         ipam.node(NODE)  # start-up check (agent._prepare_host)
         assert _identity(store, NODE) is not None  # routing start (routing_main)
+        # A node nobody annotated: the agent writes the address it detected to its Node.
+        detected = IPNetwork("192.0.2.3/24")
+        assert _identity(store, UNANNOTATED, lambda: detected) is not None
         records = WorkloadRecords(open_records_store(store, tmp_path), NODE)
         pods = PodNetwork(NODE, ipam, records, FakeDataplane(), 1500)
         _cni(pods, "STATUS", "c1")
@@ -292,7 +297,12 @@ def test_agent_rbac_is_exactly_what_the_agent_calls(api, admin, tmp_path, chart_
     assert [g for g in unused if g not in pending] == [], "rules no agent code path uses"
     # The scenario went through the branches the rules are there for.
     verbs = {(c.resource, c.verb) for c in calls}
-    assert {("blockaffinities", "delete"), ("ipamhandles", "update"), ("nodes", "watch")} <= verbs
+    assert {
+        ("blockaffinities", "delete"),
+        ("ipamhandles", "update"),
+        ("nodes", "watch"),
+        ("nodes", "patch"),
+    } <= verbs
 
 
 @pytest.mark.xfail(

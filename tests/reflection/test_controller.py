@@ -1,0 +1,232 @@
+"""The routing controller as a reflector, with an in-repo fake speaker and FIB: OPENs,
+reflection on RIB changes, max-prefix cut-offs before the kernel, export communities,
+make-before-break. (The real ExaBGP/BIRD/FRR paths are in tests/interop.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from ipaddress import IPv4Address, ip_network
+from typing import Any
+
+from bgp_speaker.config import parse_bgp_config
+from bgp_speaker.export import Exports
+from bgp_speaker.peering import PeeringDesired, peer_policy
+from bgp_speaker.rib import ImportPolicy
+from bgp_speaker.routes import (
+    EndOfRib,
+    IPNet,
+    KernelRoute,
+    PathAttributes,
+    PeerOpened,
+    PeerStateChanged,
+    PeerType,
+    RoutesAnnounced,
+    RoutesWithdrawn,
+    SessionSpec,
+    SessionState,
+)
+from bgp_speaker.routing import DesiredState, RoutingController
+from ipam_blocks.store.base import Resource
+
+ME = IPv4Address("10.0.0.1")
+CLUSTER = IPv4Address("244.0.0.1")
+C1, C2, TOR = IPv4Address("10.0.0.11"), IPv4Address("10.0.0.12"), IPv4Address("10.0.0.254")
+POOL = ip_network("10.244.0.0/16")
+B1, B2, OWN = ip_network("10.244.1.0/26"), ip_network("10.244.2.0/26"), ip_network("10.244.9.0/26")
+
+
+class FakeFib:
+    def __init__(self) -> None:
+        self.routes: dict[IPNet, KernelRoute] = {}
+        self.ever: set[IPNet] = set()
+
+    def dump(self) -> dict[IPNet, KernelRoute]:
+        return dict(self.routes)
+
+    def apply(self, add: Iterable[KernelRoute], remove: Iterable[IPNet]) -> None:
+        for route in add:
+            self.routes[route.prefix] = route
+            self.ever.add(route.prefix)
+        for prefix in remove:
+            self.routes.pop(prefix, None)
+
+    def reconcile(self, desired: dict[IPNet, KernelRoute]) -> tuple[int, int]:
+        self.routes = dict(desired)
+        return len(desired), 0
+
+
+class FakeSpeaker:
+    def __init__(self) -> None:
+        self.sessions: tuple[SessionSpec, ...] = ()
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def set_sessions(self, sessions) -> bool:
+        self.sessions = tuple(sessions)
+        self.calls.append(("sessions", tuple(str(s.peer_ip) for s in sessions)))
+        return True
+
+    async def announce(self, prefixes, **attrs) -> None:
+        self.calls.append(("announce", tuple(map(str, prefixes)), attrs.get("communities")))
+
+    async def withdraw(self, prefixes, *, peer=None) -> None:
+        self.calls.append(("withdraw", str(peer), tuple(map(str, prefixes))))
+
+    async def reflect(self, peer, prefixes, attributes) -> None:
+        self.calls.append(("reflect", str(peer), tuple(map(str, prefixes)), attributes))
+
+    async def send_eor(self, peer=None, afi=4) -> None:
+        pass
+
+    def take(self, kind: str) -> list[tuple[Any, ...]]:
+        out = [c for c in self.calls if c[0] == kind]
+        self.calls = [c for c in self.calls if c[0] != kind]
+        return out
+
+
+def session(peer, *, client=True, asn=64512, limit=None):
+    kind = PeerType.RR_CLIENT if client else PeerType.NODE
+    return SessionSpec(peer, asn, 64512, ME, ME, kind, rr_client=client, max_prefixes=limit)
+
+
+SESSIONS = (session(C1), session(C2), session(TOR, client=False, asn=65001, limit=3))
+
+
+def reflector() -> tuple[RoutingController, FakeSpeaker, FakeFib]:
+    fib, speaker = FakeFib(), FakeSpeaker()
+    routing = RoutingController("rr1", store=None, speaker=speaker, fib=fib)  # type: ignore[arg-type]
+    peering = PeeringDesired(cluster_id=CLUSTER)
+    policy = peer_policy(ImportPolicy(((POOL, 26),), frozenset({OWN}), ME, 64512), peering)
+    desired = DesiredState(SESSIONS, Exports(frozenset({OWN})), policy, peering)
+    routing.desired = desired
+    routing.peering.set_desired(peering)
+    configured = routing._plan_sessions(desired)
+    routing.rib.set_sessions(configured)
+    routing.rib.set_policy(policy)
+    speaker.sessions = configured
+    return routing, speaker, fib
+
+
+async def feed(routing: RoutingController, *events: Any) -> None:
+    affected: set[IPNet] = set()
+    for event in events:
+        affected |= routing._handle(event)
+    await routing._program(affected)
+    await routing.peering.reflect(affected)
+
+
+def test_client_routes_are_reflected_with_originator_from_the_open():
+    async def main() -> None:
+        routing, speaker, fib = reflector()
+        await feed(
+            routing,
+            PeerOpened(C1, IPv4Address("192.0.2.11")),
+            PeerStateChanged(C1, SessionState.UP),
+            RoutesAnnounced(C1, (B1,), PathAttributes(next_hop=C1, local_pref=100)),
+        )
+        [(_, peer, prefixes, attrs)] = speaker.take("reflect")
+        assert (peer, prefixes) == (str(C2), (str(B1),))  # not back to C1, not to the ToR
+        assert attrs.originator_id == IPv4Address("192.0.2.11")
+        assert attrs.cluster_list == (CLUSTER,) and attrs.next_hop == C1
+        assert fib.routes[B1].nexthops[0].gateway == C1  # installed like any node
+        assert routing.status()["peers"][1]["advertised"] == 1  # C2: one reflected route
+
+        await feed(routing, RoutesWithdrawn(C1, (B1,)))
+        assert speaker.take("withdraw") == [("withdraw", str(C2), (str(B1),))]
+        assert B1 not in fib.routes
+
+    asyncio.run(main())
+
+
+def test_a_session_change_sends_a_new_client_the_whole_table():
+    async def main() -> None:
+        routing, speaker, _ = reflector()
+        await feed(routing, RoutesAnnounced(C1, (B1, B2), PathAttributes(next_hop=C1)))
+        speaker.take("reflect")
+        c3 = IPv4Address("10.0.0.13")
+        speaker.sessions = (*routing.peering.configured, session(c3))
+        routing.peering.configured = speaker.sessions
+        await routing.peering.reflect()
+        [(_, peer, prefixes, _)] = speaker.take("reflect")
+        assert peer == str(c3) and set(prefixes) == {str(B1), str(B2)}
+
+    asyncio.run(main())
+
+
+def test_max_prefixes_cuts_the_peer_off_before_anything_reaches_the_kernel():
+    async def main() -> None:
+        routing, _, fib = reflector()
+        flood = tuple(ip_network(f"10.244.{i}.0/26") for i in range(20, 25))
+        await feed(
+            routing,
+            PeerStateChanged(TOR, SessionState.UP),
+            RoutesAnnounced(TOR, flood[:2], PathAttributes(next_hop=TOR, as_path=(65001,))),
+            RoutesAnnounced(TOR, flood[2:], PathAttributes(next_hop=TOR, as_path=(65001,))),
+            RoutesAnnounced(TOR, flood[:1], PathAttributes(next_hop=TOR, as_path=(65001,))),
+        )
+        assert not fib.ever & set(flood)
+        assert routing.rib.received(TOR) == 0
+        status = {p["address"]: p for p in routing.status()["peers"]}
+        assert status[str(TOR)]["state"] == "down"
+        assert status[str(TOR)]["reason"] == "max-prefixes 3 exceeded (5 received)"
+        # The next plan leaves the peer out of ExaBGP; the others stay.
+        assert {s.peer_ip for s in routing._plan_sessions(routing.desired)} == {C1, C2}
+
+    asyncio.run(main())
+
+
+def test_export_communities_and_re_announce_when_they_change():
+    async def main() -> None:
+        routing, _, _ = reflector()
+        cfg = parse_bgp_config(Resource("BGPConfiguration", "default", {
+            "prefixAdvertisements": [{"cidr": "10.244.0.0/16", "communities": ["64512:100"]}],
+        }))  # fmt: skip
+        routing.peering.set_desired(PeeringDesired(cluster_id=CLUSTER, communities=cfg))
+        assert routing.peering.export_changes({OWN}) == {("64512:100",): [OWN]}
+        assert routing.peering.export_changes({OWN}) == {}
+        routing.peering.set_desired(PeeringDesired(cluster_id=CLUSTER))
+        assert routing.peering.export_changes({OWN}) == {(): [OWN]}
+        assert routing.peering.export_changes(set()) == {}
+        assert routing.peering.exported == {}
+
+    asyncio.run(main())
+
+
+def test_a_node_that_stops_reflecting_withdraws_what_it_reflected():
+    async def main() -> None:
+        routing, speaker, _ = reflector()
+        await feed(routing, RoutesAnnounced(C1, (B1,), PathAttributes(next_hop=C1)),
+                   EndOfRib(C1))  # fmt: skip
+        assert speaker.take("reflect")
+        routing.peering.set_desired(PeeringDesired())
+        await routing.peering.reflect()
+        assert speaker.take("withdraw") == [("withdraw", str(C2), (str(B1),))]
+
+    asyncio.run(main())
+
+
+def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_path):
+    from netaddr import IPNetwork
+
+    from bgp_speaker.peering import Peering, read_peering
+    from bgp_speaker.rib import Rib
+    from ipam_blocks.model import Node
+
+    me = Node("n1", {}, IPNetwork("10.0.0.11/24"))
+    (tmp_path / "pw").write_text("s3cret\n")
+    peers = [
+        Resource("BGPPeer", "ok", {"peerIP": "10.0.0.254", "asNumber": 65001,
+                                   "password": {"file": str(tmp_path / "pw")}}),
+        Resource("BGPPeer", "nopw", {"peerIP": "10.0.0.253", "asNumber": 65001,
+                                     "password": {"file": str(tmp_path / "missing")}}),
+    ]  # fmt: skip
+    sessions, desired = read_peering(None, me, [me], parse_bgp_config(None), peers)
+    by_ip = {str(s.peer_ip): s for s in sessions}
+    assert by_ip["10.0.0.254"].md5_password == "s3cret"
+    assert by_ip["10.0.0.253"].md5_password is None
+    peering = Peering(Rib(), FakeSpeaker())
+    peering.set_desired(desired)
+    planned = peering.plan_sessions(sessions, set(), set(), now=0)
+    assert [str(s.peer_ip) for s in planned] == ["10.0.0.254"]
+    assert "waiting for its password" in peering.note(IPv4Address("10.0.0.253"))
+    assert "cannot read" in peering.note(IPv4Address("10.0.0.253"))
