@@ -210,7 +210,8 @@ def test_agent_commands_and_probes_parse_with_the_real_cli(render):
     args = _cli_args(["l3fabric", *agent["args"]])
     assert (args.node, args.store) == ("node-a", "kube")
     assert args.socket == "/var/run/l3fabric/agent.sock"
-    assert (args.mtu, args.metrics_port, args.state_dir) == (1500, 9095, "/var/lib/l3fabric")
+    # No --mtu by default: the pod MTU follows the encapsulation.
+    assert (args.mtu, args.metrics_port, args.state_dir) == (None, 9095, "/var/lib/l3fabric")
     ready = _cli_args(agent["readinessProbe"]["exec"]["command"])
     assert ready.check is True and ready.socket == args.socket
     alive = _cli_args(agent["livenessProbe"]["exec"]["command"])

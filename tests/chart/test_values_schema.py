@@ -31,7 +31,7 @@ def _bgp(**fields: Any) -> dict[str, Any]:
 
 BAD_VALUES = {
     # wrong types
-    "mtu as text": ({"mtu": "1500"}, "at '/mtu': got string, want integer"),
+    "mtu as text": ({"mtu": "1500"}, "at '/mtu': got string, want null or integer"),
     "natOutgoing as text": (_pool(natOutgoing="yes"), "at '/ipPools/0/natOutgoing': got string"),
     "peers not a list": (_bgp(peers={"a": 1}), "at '/bgp/peers': got object, want array"),
     "mtu too small": ({"mtu": 60}, "at '/mtu': minimum: got 60, want 68"),

@@ -20,7 +20,7 @@ set -eu
 : "${HOST_INSTALL_DIR:=/host/opt/l3fabric}"        # the host's /opt/l3fabric, mounted here
 : "${CNI_BIN_DIR:=/host/opt/cni/bin}"              # the host's CNI bin dir, mounted here
 : "${CNI_CONF_DIR:=/host/etc/cni/net.d}"           # the host's CNI config dir, mounted here
-: "${CNI_MTU:=1500}"
+: "${CNI_MTU:=}"                                  # empty: the agent's MTU applies
 : "${AGENT_SOCKET:=/var/run/l3fabric/agent.sock}"  # as seen on the host
 : "${L3FABRIC:=l3fabric}"                          # the CLI
 
@@ -75,5 +75,7 @@ for old in "$HOST_INSTALL_DIR"/python-*; do
     fi
 done
 
+# No CNI_MTU: the conflist names no MTU and the agent's (encapsulation-aware) one applies.
 exec "$L3FABRIC" cni install \
-    --bin-dir "$CNI_BIN_DIR" --conf-dir "$CNI_CONF_DIR" --mtu "$CNI_MTU" --socket "$AGENT_SOCKET"
+    --bin-dir "$CNI_BIN_DIR" --conf-dir "$CNI_CONF_DIR" --socket "$AGENT_SOCKET" \
+    ${CNI_MTU:+--mtu "$CNI_MTU"}
