@@ -122,6 +122,8 @@ def _render_neighbor(session: SessionSpec, listen: bool, listen_port: int) -> li
         out.append("    md5-base64 true;")
     out += [
         "    manual-eor true;",
+        # The agent keeps its own Adj-RIB-In; ExaBGP's copy only costs CPU per prefix.
+        "    adj-rib-in false;",
         "    family {",
         f"        {family};",
         "    }",

@@ -99,7 +99,9 @@ class PeerCounters:
 class Rib:
     def __init__(self, policy: ImportPolicy = ImportPolicy()) -> None:
         self.policy = policy
-        self._paths: dict[IPNet, dict[IPAddr, PathAttributes]] = {}
+        # Per prefix and peer: the attributes, and the policy's verdict on them ("" accepted),
+        # judged once on arrival and again only when the policy or the sessions change.
+        self._paths: dict[IPNet, dict[IPAddr, tuple[PathAttributes, str]]] = {}
         self._by_peer: dict[IPAddr, set[IPNet]] = {}
         self._sessions: dict[IPAddr, SessionSpec] = {}
         self._stale: dict[IPAddr, set[IPNet]] = {}
@@ -109,10 +111,14 @@ class Rib:
 
     def set_sessions(self, sessions: Iterable[SessionSpec]) -> set[IPNet]:
         """Forget peers that are no longer wanted; returns prefixes that may have changed."""
-        self._sessions = {s.peer_ip: s for s in sessions}
+        sessions = {s.peer_ip: s for s in sessions}
+        changed = {p for p in self._by_peer if self._sessions.get(p) != sessions.get(p)}
+        self._sessions = sessions
         affected: set[IPNet] = set()
-        for peer in list(self._by_peer):
-            if peer not in self._sessions:
+        for peer in changed:
+            if peer in sessions:
+                affected |= self._rejudge(self._by_peer[peer], {peer})
+            else:
                 affected |= self.drop_peer(peer)
         return affected
 
@@ -120,7 +126,20 @@ class Rib:
         if policy == self.policy:
             return set()
         self.policy = policy
-        return set(self._paths)
+        return self._rejudge(self._paths, None)
+
+    def _rejudge(self, prefixes: Iterable[IPNet], peers: set[IPAddr] | None) -> set[IPNet]:
+        """Judge held routes again; returns the prefixes whose acceptance changed."""
+        changed = set()
+        for prefix in prefixes:
+            paths = self._paths[prefix]
+            for peer, (attrs, verdict) in paths.items():
+                if peers is None or peer in peers:
+                    now = self.policy.rejection(prefix, attrs, self._sessions.get(peer))
+                    if now != verdict:
+                        paths[peer] = (attrs, now)
+                        changed.add(prefix)
+        return changed
 
     def announce(
         self, peer: IPAddr, prefixes: Iterable[IPNet], attrs: PathAttributes
@@ -136,7 +155,7 @@ class Rib:
             reason = self.policy.rejection(prefix, attrs, session)
             if reason:
                 counters.dropped[reason] = counters.dropped.get(reason, 0) + 1
-            self._paths.setdefault(prefix, {})[peer] = attrs
+            self._paths.setdefault(prefix, {})[peer] = (attrs, reason)
             held.add(prefix)
             affected.add(prefix)
         return affected
@@ -183,9 +202,9 @@ class Rib:
 
     def _accepted(self, prefix: IPNet) -> list[Path]:
         out = []
-        for peer, attrs in self._paths.get(prefix, {}).items():
-            session = self._sessions.get(peer)
-            if not self.policy.rejection(prefix, attrs, session):
+        for peer, (attrs, verdict) in self._paths.get(prefix, {}).items():
+            if not verdict:
+                session = self._sessions.get(peer)
                 out.append(Path(peer, attrs, bool(session and session.ebgp)))
         return out
 
@@ -212,12 +231,7 @@ class Rib:
         return len(self._by_peer.get(peer, ()))
 
     def accepted(self, peer: IPAddr) -> int:
-        session = self._sessions.get(peer)
-        return sum(
-            1
-            for prefix in self._by_peer.get(peer, ())
-            if not self.policy.rejection(prefix, self._paths[prefix][peer], session)
-        )
+        return sum(1 for prefix in self._by_peer.get(peer, ()) if not self._paths[prefix][peer][1])
 
     def dropped_total(self) -> dict[str, int]:
         totals: dict[str, int] = {}
