@@ -1,6 +1,6 @@
-"""containerlab's own JSON schema, read from the shared checkout beside this repository.
-
-CI clones the repository next to `shared/`; the product never reads it (only tests do).
+"""containerlab's own JSON schema, vendored under tests/lab/containerlab/ with its license
+(containerlab is BSD-licensed), so topology validation never depends on where the checkout
+sits. `test_vendored_schema_is_shared_one` keeps the copy equal to `../shared`'s when present.
 """
 
 from __future__ import annotations
@@ -10,18 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO.parent / "shared" / "containerlab" / "clab.schema.json"
+SCHEMA = Path(__file__).resolve().parent / "containerlab" / "clab.schema.json"
+SHARED_SCHEMA = REPO.parent / "shared" / "containerlab" / "clab.schema.json"
 TOPOLOGIES = REPO / "tests" / "topologies"
 
 
 @functools.cache
 def _validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
-    if not SCHEMA.exists():
-        pytest.skip(f"containerlab schema not found at {SCHEMA} (shared/ beside the clone)")
+    import jsonschema
     # Draft7Validator directly: the schema's \p{L} escapes are not Python `re` syntax, so
     # `jsonschema.validate` (which checks the schema first) would reject the schema itself.
     return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))

@@ -180,3 +180,11 @@ def test_lab_name_alone() -> None:
     with pytest.raises(InvalidInput) as err:
         parse_lab_name("[1, 2]")
     assert err.value.field == "name"
+
+
+def test_vendored_schema_is_shared_one() -> None:
+    from tests.lab.schema import SCHEMA, SHARED_SCHEMA
+
+    if not SHARED_SCHEMA.exists():
+        pytest.skip(f"no shared checkout at {SHARED_SCHEMA.parent} to compare the copy with")
+    assert SCHEMA.read_bytes() == SHARED_SCHEMA.read_bytes()
