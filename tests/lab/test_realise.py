@@ -129,13 +129,20 @@ def test_exec_line_failure_names_the_line(labs: Labs) -> None:
 def test_down_after_lab_up_was_killed_half_way(labs: Labs) -> None:
     marker = labs.tmp / "exec-started"
     lab = labs(two_hosts_on_a_bridge({"exec": [f"touch {marker}", "sleep 60"]}))
+
+    def sleepers() -> list[int]:
+        if not marker.exists():  # b's namespace may not exist before its first exec line
+            return []
+        return [p for p in host.netns_pids(lab.netns("b")) if host.cmdline(p) == ["sleep", "60"]]
+
     proc = lab.up_process()
     try:
-        wait_for(marker.exists, what="b's exec lines")
+        # Kill `lab up` while b's second exec line runs (not merely once the first has run).
+        wait_for(lambda: bool(sleepers()), what="b's second exec line running")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    sleeper = [p for p in host.netns_pids(lab.netns("b")) if host.cmdline(p) == ["sleep", "60"]]
+    sleeper = sleepers()
     assert sleeper, "the exec line that was running keeps running after the crash"
     assert lab.state()["phase"] == "starting"
     assert lab.namespaces() == {lab.netns("a"), lab.netns("b"), lab.netns("sw")}
