@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from netaddr import IPNetwork  # noqa: E402
+from results import replace_section  # noqa: E402
 
 from cni.install import install  # noqa: E402
 from cni.netns import open_netns, run_in_netns  # noqa: E402
@@ -218,15 +219,7 @@ def _plugins_version() -> str:
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the cni section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
+    replace_section(START, END, text, path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -78,6 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from netaddr import IPNetwork  # noqa: E402
+from results import load_average, replace_section  # noqa: E402
 
 from cni.netns import open_netns, run_in_netns  # noqa: E402
 from ipam_blocks.allocator import IPAM  # noqa: E402
@@ -646,20 +647,9 @@ def render(bench: Bench, repeats: int, loads: tuple[str, str], prof: dict | None
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the converge section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
+    replace_section(START, END, text, path)
 
 def setup_store(url: str) -> None:
     store = open_store(url)
@@ -1091,14 +1081,7 @@ def render_rr(bench: RrBench, repeats: int, loads: tuple[str, str]) -> str:
 
 
 def write_rr_section(text: str, path: Path = RESULTS) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if RR_START in old and RR_END in old:
-        head, rest = old.split(RR_START, 1)
-        new = head + text + rest.split(RR_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
+    replace_section(RR_START, RR_END, text, path)
 
 def main_reflector(args: argparse.Namespace) -> int:
     before = load_average()

@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results import replace_section  # noqa: E402
+
 from bgp_speaker.encap import VXLAN_DEVICE  # noqa: E402
 from ipam_blocks.store.base import Resource  # noqa: E402
 from lab import host  # noqa: E402
@@ -147,15 +149,7 @@ def report(
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the failover section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
+    replace_section(START, END, text, path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -40,6 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results import load_average, replace_section  # noqa: E402
+
 from bgp_speaker.fib import Fib  # noqa: E402
 from bgp_speaker.routes import PROTO_BGP, KernelRoute, NextHop  # noqa: E402
 
@@ -216,20 +218,9 @@ def render(results: dict[str, dict], count: int, repeats: int, loads: tuple[str,
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the fib section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
+    replace_section(START, END, text, path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -43,6 +43,7 @@ from pathlib import Path
 from queue import Empty
 
 from netaddr import IPNetwork
+from results import replace_section
 
 from ipam_blocks.allocator import IPAM, AssignRequest
 from ipam_blocks.check import analyze, take_snapshot
@@ -290,16 +291,7 @@ def render(
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    section = f"{START}\n{text}\n{END}"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        _, tail = rest.split(END, 1)
-        new = head + section + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
-
+    replace_section(START, END, f"{START}\n{text}\n{END}", path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
