@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
 
 from lab import host
+from tests.capture import capture
 from tests.fabric.harness import Fabric, eventually
 from tests.lab.harness import REPO, in_netns
 
@@ -128,22 +127,8 @@ class OverlayFabric:
                         address, timeout=10)  # fmt: skip
         return " 0 received" in done.stdout
 
-    @contextlib.contextmanager
-    def capture(self, netns: str, device: str, bpf: str) -> Iterator[list[str]]:
+    def capture(
+        self, netns: str, device: str, bpf: str
+    ) -> contextlib.AbstractContextManager[list[str]]:
         """tcpdump lines seen on `device` in `netns` while the block runs."""
-        lines: list[str] = []
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "tcpdump", "-n", "-l", "-i", device, bpf],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert proc.stderr is not None
-            deadline = time.monotonic() + 15
-            while "listening on" not in proc.stderr.readline():
-                assert time.monotonic() < deadline and proc.poll() is None, "tcpdump did not start"
-            yield lines
-            time.sleep(0.5)
-        finally:
-            proc.terminate()
-            out, _ = proc.communicate(timeout=10)
-            lines += out.splitlines()
+        return capture(netns, device, bpf)

@@ -55,6 +55,7 @@ from ipam_blocks.pools import add_node, add_pool
 from ipam_blocks.store import open_store
 from lab.realise import bring_up, tear_down
 from lab.topology import parse_topology
+from tests.capture import capture
 from tests.kernel.mesh import Mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,24 +173,11 @@ class KernelFabric:
         sh("ip", "netns", "exec", netns, "ping", "-c", str(count), "-i", "0.2", "-W", "2",
            address, timeout=30)  # fmt: skip
 
-    @contextlib.contextmanager
-    def capture(self, netns: str, device: str, bpf: str) -> Iterator[list[str]]:
-        lines: list[str] = []
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "tcpdump", "-n", "-l", "-i", device, bpf],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert proc.stderr is not None
-            deadline = time.monotonic() + 60
-            while "listening on" not in proc.stderr.readline():
-                assert time.monotonic() < deadline and proc.poll() is None, "tcpdump"
-            yield lines
-            time.sleep(1)
-        finally:
-            proc.terminate()
-            out, _ = proc.communicate(timeout=30)
-            lines += out.splitlines()
+    def capture(
+        self, netns: str, device: str, bpf: str
+    ) -> contextlib.AbstractContextManager[list[str]]:
+        # Emulated: tcpdump starts slowly and packets trail.
+        return capture(netns, device, bpf, start_timeout=60, settle=1)
 
 
 def topology(name: str) -> dict[str, Any]:
