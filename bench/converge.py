@@ -117,6 +117,16 @@ def sh(*cmd: str) -> str:
     return done.stdout
 
 
+def remove_namespaces(names: list[str]) -> None:
+    """Kill what runs in the namespaces this bench made (only ever its own daemons), then
+    delete them."""
+    for name in names:
+        for pid in netns_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
 @contextlib.contextmanager
 def namespaces() -> Iterator[None]:
     made: list[str] = []
@@ -132,11 +142,7 @@ def namespaces() -> Iterator[None]:
             sh("ip", "-n", ns, "link", "set", dev, "up")
         yield
     finally:
-        for name in made:
-            for pid in netns_pids(name):  # only ever our own daemons
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        remove_namespaces(made)
 
 
 def netns_pids(name: str) -> list[int]:
@@ -712,11 +718,7 @@ def rr_namespaces(clients: int) -> Iterator[None]:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         yield
     finally:
-        for name in made:
-            for pid in netns_pids(name):  # only ever our own daemons
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        remove_namespaces(made)
 
 
 def _client_bgp(name: str, local: str, ipv4: str, extra: str = "", hops: str = "direct") -> str:
