@@ -98,8 +98,12 @@ def test_pods_reach_across_racks_through_tors_and_spines(lab: InteropLab) -> Non
         assert from_node["community"]["string"] == "65100:1 65100:244", from_node
 
     # The ToRs spread cross-rack traffic over both spines (ECMP).
-    tor1 = kernel(lab, "tor1")
-    assert tor1[blocks["r2n1"]] == "via 10.1.11.1,10.1.12.1", tor1
+    # zebra installs after bgpd has advertised, so the kernel may lag the session checks above.
+    def tor1_ecmp() -> list[str]:
+        got = kernel(lab, "tor1").get(blocks["r2n1"])
+        return [] if got == "via 10.1.11.1,10.1.12.1" else [f"tor1 {blocks['r2n1']}: {got}"]
+
+    wait(tor1_ecmp, "tor1 to install both spine paths", CONVERGE)
 
     # Rack 2 runs TCP MD5: the agents' ExaBGP carries the password, tor2 requires it.
     for node in ("r2n1", "r2n2"):
