@@ -15,6 +15,8 @@ tell the difference:
 - `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: list, watch, create, get,
   replace (resourceVersion CAS), delete, for leader election. The spec is checked as the real
   server does (types, leaseDurationSeconds > 0, leaseTransitions >= 0, MicroTime timestamps).
+- `/api/v1/namespaces/{ns}/secrets[/{name}]`: create, get, replace, delete (BGP passwords).
+  `stringData` is merged into base64 `data` on write and never stored, as on the real server.
 - resourceVersion is one global counter. Replace/patch with a stale metadata.resourceVersion and
   delete with a stale `preconditions.resourceVersion` answer 409 `Conflict`; replace without a
   resourceVersion is unconditional, as on the real server. A write that changes nothing keeps
@@ -32,6 +34,7 @@ the code needs. `fail_next(code)` makes the next request(s) fail with a server e
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import ipaddress
@@ -87,7 +90,6 @@ _OBJECT_META = frozenset(
 _REFUSED_PARAMS = frozenset(
     {"fieldSelector", "dryRun", "resourceVersionMatch", "sendInitialEvents", "propagationPolicy"}
 )
-_CORE_FIELDS = frozenset({"apiVersion", "kind", "spec", "status"})
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
 
@@ -426,6 +428,8 @@ class ResourceType:
     version: str
     namespaced: bool
     schema: Mapping[str, Any] | None = None  # CRDs only
+    fields: frozenset[str] = frozenset({"apiVersion", "kind", "spec", "status"})
+    """Top-level fields of a core kind's Go struct: others vanish on decode."""
 
     @property
     def api_version(self) -> str:
@@ -444,6 +448,14 @@ class ResourceType:
 NODES = ResourceType("nodes", "Node", "", "v1", namespaced=False)
 PODS = ResourceType("pods", "Pod", "", "v1", namespaced=True)
 LEASES = ResourceType("leases", "Lease", "coordination.k8s.io", "v1", namespaced=True)
+SECRETS = ResourceType(
+    "secrets",
+    "Secret",
+    "",
+    "v1",
+    namespaced=True,
+    fields=frozenset({"apiVersion", "kind", "data", "stringData", "type", "immutable"}),
+)
 
 
 @lru_cache(maxsize=8)
@@ -540,7 +552,7 @@ class KubeApiDouble:
         self.token = token
         self.types: dict[tuple[str, str], ResourceType] = {
             (t.api_version, t.plural): t
-            for t in (*load_crds(Path(crd_dir)), NODES, PODS, LEASES)
+            for t in (*load_crds(Path(crd_dir)), NODES, PODS, LEASES, SECRETS)
         }
         self.requests: list[RecordedRequest] = []
         self.default_watch_timeout = default_watch_timeout
@@ -970,14 +982,16 @@ class KubeApiDouble:
             errors += validate(body, schema, "")
         else:
             # Core kinds decode into Go structs: unknown top-level fields vanish.
-            dropped += [k for k in body if k not in _CORE_FIELDS]
-            body = {k: v for k, v in body.items() if k in _CORE_FIELDS}
+            dropped += [k for k in body if k not in rtype.fields]
+            body = {k: v for k, v in body.items() if k in rtype.fields}
         body["metadata"] = meta
         req.warnings += [f'unknown field "{d}"' for d in dropped]
         if rtype is PODS:
             errors += _validate_pod(body)
         if rtype is LEASES:
             errors += _validate_lease(body)
+        if rtype is SECRETS:
+            errors += _admit_secret(body)
         if errors:
             name = meta.get("name", "")
             text = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
@@ -1209,6 +1223,22 @@ def _validate_pod(pod: Mapping[str, Any]) -> list[FieldError]:
 
 # metav1.MicroTime parses RFC3339 with exactly six fractional digits.
 _MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def _admit_secret(secret: dict[str, Any]) -> list[FieldError]:
+    """Checks `data` (base64 values) and folds `stringData` into it, in place."""
+    errors = []
+    data = secret.get("data") or {}
+    for key, value in data.items():
+        try:
+            base64.b64decode(value, validate=True)
+        except (TypeError, ValueError):
+            errors.append(FieldError(f"data[{key}]", "FieldValueInvalid", "illegal base64 data"))
+    for key, value in (secret.pop("stringData", None) or {}).items():
+        data[key] = base64.b64encode(str(value).encode()).decode()
+    if data:
+        secret["data"] = data
+    return errors
 
 
 def _validate_lease(lease: Mapping[str, Any]) -> list[FieldError]:

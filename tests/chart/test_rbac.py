@@ -48,7 +48,7 @@ NODE = "node-a"
 UNANNOTATED = "node-c"
 POOL = IPNetwork("10.244.0.0/24")
 OLD = 1000.0  # "long ago" for allocations, claims and suspicions made in the setup
-SECRETS_GET = ("", "secrets", "get")
+TOR_PASSWORD = "rack1-md5-secret"
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,11 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(retry, "_pause", lambda budget, attempt: None)
 
 
+@pytest.fixture(autouse=True)
+def in_release_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)  # the agent's DaemonSet sets it
+
+
 @pytest.fixture
 def admin(api: KubeApiDouble) -> Iterator[KubeStore]:
     """The cluster admin (`helm install`, kubectl) setting the scene; not recorded."""
@@ -156,8 +161,28 @@ def admin(api: KubeApiDouble) -> Iterator[KubeStore]:
     store.create(Resource("Node", "node-b", {"ipv4Address": "192.0.2.2/24"}, {"rack": "r1"}))
     store.create(Resource("Node", UNANNOTATED, {}, {"rack": "r2"}))
     store.create(Resource("BGPConfiguration", "default", {"nodeToNodeMeshEnabled": True}))
+    # The ToR peering as the chart's values set renders it: MD5 from a Secret of the release's
+    # namespace, which the chart tells the agent through POD_NAMESPACE.
+    store.core.create_namespaced_secret(
+        NAMESPACE,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "bgp-passwords"},
+            "stringData": {"rack1": TOR_PASSWORD},
+        },
+    )
     store.create(
-        Resource("BGPPeer", "tor", {"peerIP": "192.0.2.254", "asNumber": 65001, "nodeSelector": {}})
+        Resource(
+            "BGPPeer",
+            "tor",
+            {
+                "peerIP": "192.0.2.254",
+                "asNumber": 65001,
+                "nodeSelector": {},
+                "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "rack1"}},
+            },
+        )
     )
     yield store
     store.close()
@@ -256,9 +281,9 @@ def run_agent_scenario(api: KubeApiDouble, admin: KubeStore, tmp_path: Path) -> 
     )
     spare = next(b for b in POOL.subnet(26) if b != b_block)
     admin.create(
-        Resource("IPAMHandle", handle_name("net.c1"), {"handleID": "net.c1", "block": {
-            str(spare): 1
-        }})
+        Resource(
+            "IPAMHandle", handle_name("net.c1"), {"handleID": "net.c1", "block": {str(spare): 1}}
+        )
     )
     api.requests.clear()
 
@@ -279,7 +304,10 @@ def run_agent_scenario(api: KubeApiDouble, admin: KubeStore, tmp_path: Path) -> 
         _cni(pods, "DEL", "c1")
         _cni(pods, "DEL", "c2")
         controller = RoutingController(NODE, store, speaker=None, fib=None)  # type: ignore[arg-type]
-        assert controller.read_desired() is not None
+        desired = controller.read_desired()
+        assert desired is not None
+        [tor] = [s for s in desired.sessions if str(s.peer_ip) == "192.0.2.254"]
+        assert tor.md5_password == TOR_PASSWORD  # read from the Secret
         _watch_briefly(store, api)
     finally:
         store.close()
@@ -291,10 +319,7 @@ def test_agent_rbac_is_exactly_what_the_agent_calls(api, admin, tmp_path, chart_
     grants = grants_of(chart_objects, "l3fabric-agent")
     denied, unused = compare(calls, grants)
     assert denied == [], "calls the chart does not allow"
-    # The one rule granted ahead of the code: BGP passwords from Secrets (see the xfail below).
-    pending = [g for g in unused if (g.group, g.resource, g.verb) == SECRETS_GET]
-    assert pending == [Grant("", "secrets", "get", NAMESPACE, "bgp-passwords")]
-    assert [g for g in unused if g not in pending] == [], "rules no agent code path uses"
+    assert unused == [], "rules no agent code path uses"
     # The scenario went through the branches the rules are there for.
     verbs = {(c.resource, c.verb) for c in calls}
     assert {
@@ -302,30 +327,24 @@ def test_agent_rbac_is_exactly_what_the_agent_calls(api, admin, tmp_path, chart_
         ("ipamhandles", "update"),
         ("nodes", "watch"),
         ("nodes", "patch"),
+        ("secrets", "get"),
     } <= verbs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent does not resolve BGPPeer password.secretKeyRef yet "
-    "(peers.desired_sessions gets no resolve_password): MD5 from Secrets is not wired; "
-    "when it is, this passes and the Secret rule becomes a recorded call",
-)
-def test_agent_reads_bgp_password_secrets(api, admin, tmp_path):
-    admin.create(
-        Resource("BGPPeer", "tor-md5", {
-            "peerIP": "192.0.2.253",
-            "asNumber": 65001,
-            "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "rack1"}},
-        })
-    )
-    api.requests.clear()
+def test_an_unreadable_password_secret_holds_the_session_back(api, admin, tmp_path):
+    # The Secret is gone: the session waits rather than coming up without MD5.
+    admin.core.delete_namespaced_secret("bgp-passwords", NAMESPACE)
     store = KubeStore(str(api.kubeconfig))
     try:
-        RoutingController(NODE, store, speaker=None, fib=None).read_desired()  # type: ignore[arg-type]
+        desired = RoutingController(NODE, store, speaker=None, fib=None).read_desired()  # type: ignore[arg-type]
     finally:
         store.close()
-    assert any(c.resource == "secrets" and c.verb == "get" for c in _recorded(api))
+    assert desired is not None
+    [tor] = [s for s in desired.sessions if str(s.peer_ip) == "192.0.2.254"]
+    assert tor.md5_password is None
+    [(peer, why)] = desired.peering.waiting  # so Peering.plan_sessions leaves it out
+    assert str(peer) == "192.0.2.254"
+    assert f"Secret {NAMESPACE}/bgp-passwords not readable (404)" in why, why
 
 
 # --- the IPAM GC ---------------------------------------------------------------------------
