@@ -57,7 +57,7 @@ from ipam_blocks.model import (
 )
 from ipam_blocks.retry import retry_conflicts
 from ipam_blocks.selector import parse_selector_text
-from ipam_blocks.store.base import Store
+from ipam_blocks.store.base import Resource, Store
 
 log = logging.getLogger("l3fabric.ipam")
 
@@ -345,18 +345,19 @@ class IPAM:
                 taken.add(block_name(cidr))
         return None
 
-    def _claim(self, node: str, cidr: IPNetwork) -> bool:
-        """Make `cidr` this node's block; False when another node won it."""
-        pending = BlockAffinity(node, cidr, AffinityState.PENDING)
-        res = render_affinity(pending)
-        res = replace(
-            res,
+    def _affinity_resource(self, node: str, cidr: IPNetwork, state: AffinityState) -> Resource:
+        return replace(
+            render_affinity(BlockAffinity(node, cidr, state)),
             labels={NODE_LABEL: node},
             annotations={CLAIMED_AT_ANNOTATION: str(int(self.clock()))},
         )
-        # AlreadyExists: ours, from an interrupted claim; finish it below.
+
+    def _claim(self, node: str, cidr: IPNetwork) -> bool:
+        """Make `cidr` this node's block; False when another node won it."""
+        # AlreadyExists: ours, from an interrupted claim or a release of the same block by
+        # this node that is still running; finish the claim below either way.
         with contextlib.suppress(AlreadyExists):
-            self.store.create(res)
+            self.store.create(self._affinity_resource(node, cidr, AffinityState.PENDING))
         try:
             self._create_block(blockmath.new_block(cidr, node))
         except AlreadyExists:
@@ -368,8 +369,17 @@ class IPAM:
         return True
 
     def _set_affinity_state(self, node: str, cidr: IPNetwork, state: AffinityState) -> None:
+        """Upsert: a release racing a claim of the same block may have deleted the record."""
+
         def attempt() -> None:
-            res = self.store.get("BlockAffinity", affinity_name(node, cidr))
+            try:
+                res = self.store.get("BlockAffinity", affinity_name(node, cidr))
+            except NotFound:
+                try:
+                    self.store.create(self._affinity_resource(node, cidr, state))
+                except AlreadyExists:
+                    raise Conflict("BlockAffinity", affinity_name(node, cidr)) from None
+                return
             if res.spec.get("state") != state.value:
                 self.store.update(res.with_spec({**res.spec, "state": state.value}))
 
@@ -378,6 +388,22 @@ class IPAM:
     def _delete_affinity(self, node: str, cidr: IPNetwork) -> None:
         with contextlib.suppress(NotFound):
             self.store.delete("BlockAffinity", affinity_name(node, cidr))
+
+    def _drop_released_affinity(self, node: str, cidr: IPNetwork) -> None:
+        """Deletes the record only while it still says pendingDeletion: a claim of the same
+        block by this node that ran meanwhile has made it its own again (confirmed)."""
+
+        def attempt() -> None:
+            try:
+                res = self.store.get("BlockAffinity", affinity_name(node, cidr))
+            except NotFound:
+                return
+            if res.spec.get("state") != AffinityState.PENDING_DELETION.value:
+                return
+            with contextlib.suppress(NotFound):
+                self.store.delete("BlockAffinity", res.name, res.revision)
+
+        retry_conflicts(attempt, f"drop affinity {node} {cidr}")
 
     def release_affinity(self, node: str, cidr: IPNetwork, *, require_empty: bool = True) -> None:
         """Give a block up: delete it when empty, else (require_empty=False) just un-own it."""
@@ -404,7 +430,7 @@ class IPAM:
         except InUse:
             self._set_affinity_state(node, cidr, AffinityState.CONFIRMED)
             raise
-        self._delete_affinity(node, cidr)
+        self._drop_released_affinity(node, cidr)
         log.info(
             "released block", extra={"op": "release-affinity", "node": node, "block": str(cidr)}
         )

@@ -69,6 +69,9 @@ class CheckReport:
     stale_affinities: list[str] = field(default_factory=list)
     """Pending/pendingDeletion affinities, or confirmed ones whose block is missing or foreign."""
     blocks_of_gone_nodes: list[str] = field(default_factory=list)
+    unrecorded_blocks: list[str] = field(default_factory=list)
+    """Blocks affine to a node that has no BlockAffinity for them (a claim sets the
+    record before the block and a release deletes it after, so this is never in flight)."""
 
     @property
     def clean(self) -> bool:
@@ -82,6 +85,7 @@ class CheckReport:
                 self.duplicate_addresses,
                 self.stale_affinities,
                 self.blocks_of_gone_nodes,
+                self.unrecorded_blocks,
             )
         )
 
@@ -159,6 +163,10 @@ def analyze(snap: Snapshot) -> CheckReport:
     for aff in snap.affinities:
         if aff.state is not AffinityState.CONFIRMED or block_owner.get(aff.cidr) != aff.node:
             report.stale_affinities.append(f"{aff.node} {aff.cidr} ({aff.state.value})")
+    recorded = {(aff.node, aff.cidr) for aff in snap.affinities}
+    for blk in snap.blocks:
+        if blk.affinity and (blk.affinity, blk.cidr) not in recorded:
+            report.unrecorded_blocks.append(f"{blk.cidr} (node {blk.affinity})")
     return report
 
 

@@ -23,7 +23,6 @@ from ipam_blocks.liveness import OwnerLiveness
 from ipam_blocks.model import (
     AffinityState,
     Handle,
-    affinity_name,
     handle_name,
     render_handle,
 )
@@ -157,9 +156,31 @@ def _resolve_affinities(ipam: IPAM, now: float, grace: float, result: GCResult) 
                 ipam.release_affinity(node, cidr, require_empty=True)
                 result.released_blocks.append(str(cidr))
             else:
-                ipam.store.delete("BlockAffinity", affinity_name(node, cidr))
+                # At the revision looked at: a claim finishing meanwhile keeps its record.
+                ipam.store.delete("BlockAffinity", res.name, res.revision)
             result.resolved_affinities.append(where)
         except InUse:
             result.resolved_affinities.append(f"{where}: kept, addresses still in use")
-        except NotFound:
+        except (NotFound, Conflict):
             pass
+    _record_unrecorded_blocks(ipam, nodes, result)
+
+
+def _record_unrecorded_blocks(ipam: IPAM, nodes: set[str], result: GCResult) -> None:
+    """A block affine to a node without a BlockAffinity (deleted by hand, or left by an
+    older release racing a claim) gets its record back; a gone node's is released as any."""
+    recorded = {(a.node, a.cidr) for a in ipam.affinities()}
+    for blk in ipam.blocks():
+        node = blk.affinity
+        if not node or (node, blk.cidr) in recorded:
+            continue
+        where = f"{node} {blk.cidr} (no record)"
+        try:
+            if node in nodes:
+                ipam._set_affinity_state(node, blk.cidr, AffinityState.CONFIRMED)
+            else:
+                ipam.release_affinity(node, blk.cidr, require_empty=True)
+                result.released_blocks.append(str(blk.cidr))
+            result.resolved_affinities.append(where)
+        except InUse:
+            result.resolved_affinities.append(f"{where}: recorded, addresses still in use")

@@ -27,6 +27,7 @@ from ipam_blocks.model import (
     IPPool,
     Node,
     Workload,
+    affinity_name,
     block_name,
     parse_handle,
     render_ipam_config,
@@ -700,6 +701,122 @@ def test_lost_block_race_undoes_the_handle_and_retries(store: SqliteStore, clock
     cidr = str(block_of(ip))
     assert handle_counts(ipam, "h-1") == {cidr: 1}  # counted once, not once per attempt
     assert handle_counts(ipam, "racer") == {cidr: 2}
+    assert check(ipam, liveness(ipam)).clean
+
+
+# --- a release and a claim of the same block by one node, interleaved -------------------------
+
+
+@dataclass
+class InterleavingStore:
+    """Runs `then` once, right after the first write `when` matches has reached the store
+    (or failed there): the other writer's steps land exactly between two of this one's."""
+
+    inner: SqliteStore
+    when: Callable[[str, Resource | tuple[str, str]], bool]
+    then: Callable[[], object]
+    done: bool = False
+
+    def _write(self, op: str, what, do: Callable[[], object]):
+        try:
+            return do()
+        finally:
+            if not self.done and self.when(op, what):
+                self.done = True
+                self.then()
+
+    def get(self, kind: str, name: str) -> Resource:
+        return self.inner.get(kind, name)
+
+    def list(self, kind: str, selector=EVERYTHING):
+        return self.inner.list(kind, selector)
+
+    def create(self, obj: Resource) -> Resource:
+        return self._write("create", obj, lambda: self.inner.create(obj))
+
+    def update(self, obj: Resource) -> Resource:
+        return self._write("update", obj, lambda: self.inner.update(obj))
+
+    def delete(self, kind: str, name: str, revision: str | None = None) -> None:
+        self._write("delete", (kind, name), lambda: self.inner.delete(kind, name, revision))
+
+
+def _empty_block_of(ipam: IPAM, node: str) -> IPNetwork:
+    ip = one(ipam, node, "h-tmp")
+    ipam.release_handle("h-tmp")
+    return block_of(ip)
+
+
+def test_release_racing_a_reclaim_by_the_same_node_leaves_the_block_recorded(
+    store: SqliteStore, clock: Clock
+) -> None:
+    ipam = IPAM(store, clock)
+    make_pool(ipam)
+    make_nodes(ipam, "n1")
+    cidr = _empty_block_of(ipam, "n1")
+    # The release has deleted the empty block; before it drops its record, a pod ADD on the
+    # same node claims that block again (it is free now).
+    releasing = IPAM(
+        InterleavingStore(
+            store,
+            when=lambda op, what: op == "delete" and what[0] == "IPAMBlock",
+            then=lambda: ipam.assign_ip(cidr.network, "n1", "h-new"),
+        ),
+        clock,
+    )
+    releasing.release_affinity("n1", cidr)
+    assert ipam.read_block(cidr).affinity == "n1"
+    assert affinities(ipam, "n1") == {cidr: AffinityState.CONFIRMED}
+    assert check(ipam, liveness(ipam)).clean
+
+
+def test_claim_whose_record_a_finishing_release_dropped_writes_it_again(
+    store: SqliteStore, clock: Clock
+) -> None:
+    ipam = IPAM(store, clock)
+    make_pool(ipam)
+    make_nodes(ipam, "n1")
+    cidr = _empty_block_of(ipam, "n1")
+    # The release is past its block delete; the claim finds the release's record in place
+    # (AlreadyExists), and the release drops that record before the claim confirms it.
+    ipam._set_affinity_state("n1", cidr, AffinityState.PENDING_DELETION)
+    store.delete("IPAMBlock", block_name(cidr))
+    claiming = IPAM(
+        InterleavingStore(
+            store,
+            when=lambda op, what: op == "create" and getattr(what, "kind", "") == "BlockAffinity",
+            then=lambda: ipam._drop_released_affinity("n1", cidr),
+        ),
+        clock,
+    )
+    claiming.assign_ip(cidr.network, "n1", "h-new")
+    assert affinities(ipam, "n1") == {cidr: AffinityState.CONFIRMED}
+    assert check(ipam, liveness(ipam)).clean
+
+
+def test_check_reports_a_block_without_its_affinity_and_gc_records_it(
+    store: SqliteStore, clock: Clock
+) -> None:
+    ipam = IPAM(store, clock)
+    make_pool(ipam)
+    make_nodes(ipam, "n1", "gone")
+    in_use = block_of(one(ipam, "n1", "h-1"))
+    empty_of_gone = _empty_block_of(ipam, "gone")
+    for cidr, node in ((in_use, "n1"), (empty_of_gone, "gone")):
+        store.delete("BlockAffinity", affinity_name(node, cidr))
+    store.delete("Node", "gone")
+
+    report = check(ipam, liveness(ipam))
+    assert sorted(report.unrecorded_blocks) == sorted(
+        [f"{in_use} (node n1)", f"{empty_of_gone} (node gone)"]
+    )
+    assert not report.clean
+
+    result = collect_garbage(ipam, liveness(ipam), grace=60)
+    assert f"n1 {in_use} (no record)" in result.resolved_affinities
+    assert result.released_blocks == [str(empty_of_gone)]
+    assert affinities(ipam) == {in_use: AffinityState.CONFIRMED}
+    assert [b.cidr for b in ipam.blocks()] == [in_use]
     assert check(ipam, liveness(ipam)).clean
 
 
