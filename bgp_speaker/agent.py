@@ -161,4 +161,3 @@ def _prepare_host(ipam: IPAM, settings: AgentSettings) -> None:
         ipam.node(settings.node)
     except L3FabricError as err:
         log.warning("node not usable yet", extra={**fields, "reason": str(err)})
-

@@ -31,10 +31,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Interface, ip_network
 
 from bgp_speaker.config import DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI
-from bgp_speaker.routes import IPAddr, IPNet, KernelRoute, NextHop
+from bgp_speaker.routes import IPAddr, IPNet, KernelRoute, NextHop, within
 from ipam_blocks.model import EncapMode, IPPool
 
 __all__ = [
@@ -106,9 +107,10 @@ class EncapPolicy:
     """This node's IPv4 address with its prefix length: what "this subnet" means."""
     vxlan: VxlanSettings = VxlanSettings()
 
-    @property
+    @cached_property
     def wanted(self) -> frozenset[Encap]:
-        """Encapsulations some pool asks for: the devices this node needs."""
+        """Encapsulations some pool asks for: the devices this node needs (asked per route:
+        computed once)."""
         return frozenset(p.encap[0] for p in self.pools) - {Encap.NONE}
 
     @property
@@ -117,7 +119,7 @@ class EncapPolicy:
 
     def pool_of(self, prefix: IPNet) -> PoolEncap | None:
         for pool in self.pools:
-            if pool.cidr.version == prefix.version and prefix.subnet_of(pool.cidr):  # type: ignore[arg-type]
+            if within(prefix, pool.cidr):
                 return pool
         return None
 

@@ -35,7 +35,7 @@ from ipaddress import IPv4Address, ip_network
 
 from bgp_speaker.config import BgpConfig
 from bgp_speaker.rib import ImportPolicy
-from bgp_speaker.routes import IPAddr, IPNet, PathAttributes, SessionSpec
+from bgp_speaker.routes import IPAddr, IPNet, PathAttributes, SessionSpec, within
 from ipam_blocks.errors import InvalidInput
 from ipam_blocks.store.base import Resource
 
@@ -61,7 +61,7 @@ class AcceptRule:
         if prefix.version != self.prefix.version:
             return False
         if self.or_longer:
-            return prefix.subnet_of(self.prefix)  # type: ignore[arg-type]
+            return within(prefix, self.prefix)
         return prefix == self.prefix
 
     def __str__(self) -> str:
@@ -150,7 +150,7 @@ def export_communities(prefixes: Iterable[IPNet], cfg: BgpConfig) -> dict[IPNet,
     for prefix in prefixes:
         found: set[str] = set()
         for cidr, values in rules:
-            if cidr.version == prefix.version and prefix.subnet_of(cidr):  # type: ignore[arg-type]
+            if within(prefix, cidr):
                 found |= values
         out[prefix] = tuple(sorted(found, key=_community_key))
     return out

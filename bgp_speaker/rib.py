@@ -19,6 +19,7 @@ from bgp_speaker.routes import (
     NextHop,
     PathAttributes,
     SessionSpec,
+    within,
 )
 
 _ORIGIN_RANK = {"igp": 0, "egp": 1, "incomplete": 2}
@@ -37,14 +38,7 @@ class ImportPolicy:
 
     def rejection(self, prefix: IPNet, attrs: PathAttributes, session: SessionSpec | None) -> str:
         """Why the route is dropped, or "" when it is accepted."""
-        pool = next(
-            (
-                size
-                for net, size in self.pools
-                if net.version == prefix.version and prefix.subnet_of(net)
-            ),  # type: ignore[arg-type]
-            None,
-        )
+        pool = next((size for net, size in self.pools if within(prefix, net)), None)
         if pool is None:
             return "outside-pools"
         if prefix.prefixlen < pool:

@@ -21,6 +21,17 @@ PROTO_WORKLOAD = 76
 PROTO_BGP = 77
 
 
+def within(prefix: IPNet, net: IPNet) -> bool:
+    """`prefix.subnet_of(net)` for any two prefixes (False across families), in integer
+    arithmetic: the route hot path asks this of every received prefix, and `subnet_of`
+    builds addresses and checks types on each call."""
+    return (
+        prefix.version == net.version
+        and prefix.prefixlen >= net.prefixlen
+        and int(prefix.network_address) & int(net.netmask) == int(net.network_address)
+    )
+
+
 class PeerType(StrEnum):
     MESH = "mesh"
     GLOBAL = "global"  # BGPPeer selecting every node

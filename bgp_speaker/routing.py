@@ -190,9 +190,7 @@ class RoutingController:
             pools,
             VxlanSettings(cfg.vxlan_vni, cfg.vxlan_port),
         )
-        return DesiredState(
-            tuple(sessions), exports, peer_policy(policy, peering), peering, encap
-        )
+        return DesiredState(tuple(sessions), exports, peer_policy(policy, peering), peering, encap)
 
     async def reconcile_desired(self) -> None:
         desired = await asyncio.to_thread(self.read_desired)
@@ -526,7 +524,10 @@ class RoutingController:
         watcher = StoreWatcher(self.store, WATCHED_KINDS, self._changed)
         watcher.start()
         for coro in (
-            self._event_loop(), self._reconcile_loop(), self._initial_sync(), self._hold_watch()
+            self._event_loop(),
+            self._reconcile_loop(),
+            self._initial_sync(),
+            self._hold_watch(),
         ):
             self._spawn(coro)
         try:
