@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import (
@@ -229,7 +230,18 @@ def _decode_update(peer: IPAddr, update: dict[str, Any]) -> Iterator[SpeakerEven
 def _prefix(item: Any, version: int) -> IPNet:
     # {"nlri": "10.0.0.0/26"} normally; a bare string with exabgp.api.compact=true.
     text = item["nlri"] if isinstance(item, dict) else item
-    return IPv4Network(text) if version == 4 else IPv6Network(text)
+    if version != 4:
+        return IPv6Network(text)
+    # Every received prefix passes here: from integers, IPv4Network skips its string parser
+    # (about half the cost). ExaBGP writes canonical dotted quads, which inet_aton reads as
+    # IPv4Network would; it also takes octal/hex octets, which ExaBGP never writes.
+    address, slash, length = text.partition("/")
+    try:
+        if not slash or address.count(".") != 3:
+            raise OSError
+        return IPv4Network((int.from_bytes(socket.inet_aton(address), "big"), int(length)))
+    except OSError:
+        raise ValueError(f"{text!r} is not an IPv4 prefix") from None
 
 
 def _decode_attributes(attribute: dict[str, Any]) -> dict[str, Any]:

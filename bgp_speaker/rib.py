@@ -204,8 +204,8 @@ class Rib:
 
     def select(self, prefix: IPNet) -> Selection | None:
         paths = self._accepted(prefix)
-        if not paths:
-            return None
+        if len(paths) < 2:  # the common case, and nothing to rank
+            return Selection(paths[0], (paths[0],)) if paths else None
         best_rank = min(p.rank() for p in paths)
         tied = sorted((p for p in paths if p.rank() == best_rank), key=Path.tiebreak)
         return Selection(tied[0], tuple(tied))
@@ -237,7 +237,10 @@ class Rib:
 
 def kernel_route(prefix: IPNet, selection: Selection) -> KernelRoute:
     """Plain routes via the selected next hops (encapsulation decides otherwise later)."""
-    hops = sorted({NextHop(p.attributes.next_hop) for p in selection.multipath})
+    multipath = selection.multipath
+    if len(multipath) == 1:
+        return KernelRoute(prefix, (NextHop(multipath[0].attributes.next_hop),))
+    hops = sorted({NextHop(p.attributes.next_hop) for p in multipath})
     return KernelRoute(prefix, tuple(hops))
 
 
