@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -343,8 +343,16 @@ def _check_community(community: str) -> None:
         raise InvalidCommand(f"community: {community!r} is not ASN:VALUE (16 bits each)")
 
 
-def _selector(peer: IPAddr | None) -> str:
-    return "" if peer is None else f"neighbor {peer} "
+def _selector(peers: Sequence[IPAddr]) -> str:
+    # ExaBGP reads `neighbor A , neighbor B <command>` as one command for both: it parses
+    # the routes once, where one command per neighbour would parse them once each.
+    return "".join(f"neighbor {peer} , " for peer in peers[:-1]) + (
+        f"neighbor {peers[-1]} " if peers else ""
+    )
+
+
+def _one(peer: IPAddr | None) -> tuple[IPAddr, ...]:
+    return () if peer is None else (peer,)
 
 
 def _batches(prefixes: Iterable[IPNet], size: int) -> Iterator[list[IPNet]]:
@@ -362,35 +370,37 @@ def render_announce(
     prefixes: Iterable[IPNet],
     attributes: OutgoingAttributes = OutgoingAttributes(),
     *,
-    peer: IPAddr | None = None,
+    peers: Sequence[IPAddr] = (),
     batch: int = MAX_PREFIXES_PER_COMMAND,
 ) -> list[str]:
-    """``[neighbor X] announce attributes ... nlri P1 P2 ...`` lines, ≤ ``batch`` prefixes."""
+    """``[neighbor X , neighbor Y] announce attributes ... nlri P1 P2 ...`` lines, ≤ ``batch``
+    prefixes each; no peers: every neighbour."""
     if not 1 <= batch <= MAX_PREFIXES_PER_COMMAND:
         raise InvalidCommand(f"batch: {batch} is outside 1..{MAX_PREFIXES_PER_COMMAND}")
-    head = f"{_selector(peer)}announce attributes {attributes.render()} nlri "
+    head = f"{_selector(peers)}announce attributes {attributes.render()} nlri "
     return [_checked(head + " ".join(map(str, chunk))) for chunk in _batches(prefixes, batch)]
 
 
 def render_withdraw(
     prefixes: Iterable[IPNet],
     *,
-    peer: IPAddr | None = None,
+    peers: Sequence[IPAddr] = (),
     batch: int = MAX_PREFIXES_PER_COMMAND,
 ) -> list[str]:
-    """``[neighbor X] withdraw attributes nlri P1 P2 ...`` lines (attributes are not needed)."""
+    """``[neighbor X , ...] withdraw attributes nlri P1 P2 ...`` lines (attributes are not
+    needed); no peers: every neighbour."""
     if not 1 <= batch <= MAX_PREFIXES_PER_COMMAND:
         raise InvalidCommand(f"batch: {batch} is outside 1..{MAX_PREFIXES_PER_COMMAND}")
-    head = f"{_selector(peer)}withdraw attributes nlri "
+    head = f"{_selector(peers)}withdraw attributes nlri "
     return [_checked(head + " ".join(map(str, chunk))) for chunk in _batches(prefixes, batch)]
 
 
 def render_eor(afi: int = 4, *, peer: IPAddr | None = None) -> str:
-    return _checked(f"{_selector(peer)}announce eor {_afi(afi)} unicast")
+    return _checked(f"{_selector(_one(peer))}announce eor {_afi(afi)} unicast")
 
 
 def render_route_refresh(afi: int = 4, *, peer: IPAddr | None = None) -> str:
-    return _checked(f"{_selector(peer)}announce route-refresh {_afi(afi)} unicast")
+    return _checked(f"{_selector(_one(peer))}announce route-refresh {_afi(afi)} unicast")
 
 
 def render_clear_adj_rib_out(peer: IPAddr) -> str:
@@ -425,7 +435,7 @@ _ATTRS = (
     rf"(?: originator-id (?P<oid>{_IPV4}))?"
     rf"(?: cluster-list \[(?P<clist>(?: {_IPV4})+) \])?"
 )
-_SELECTOR = rf"(?:neighbor (?P<peer>{_ADDR}) )?"
+_SELECTOR = rf"(?:(?P<peers>neighbor {_ADDR}(?: , neighbor {_ADDR})*) )?"
 _GRAMMAR = {
     "announce": re.compile(rf"{_SELECTOR}announce attributes {_ATTRS} nlri (?P<nlri>.+)"),
     "withdraw": re.compile(rf"{_SELECTOR}withdraw attributes nlri (?P<nlri>.+)"),
@@ -466,6 +476,8 @@ def _check_values(match: re.Match[str], command: str) -> None:
         for name in ("peer", "nh"):
             if groups.get(name) and groups[name] != "self":
                 ip_address(groups[name])
+        for selected in filter(None, (groups.get("peers") or "").split(" , ")):
+            ip_address(selected.removeprefix("neighbor "))
         if groups.get("oid"):
             IPv4Address(groups["oid"])
         for value in (groups.get("clist") or "").split():

@@ -502,12 +502,12 @@ class ExaBGPSpeaker:
         """Commands that give ``peer`` (None: every neighbour) the current routes."""
         lines: list[str] = []
         for attributes, prefixes in group_by_attributes(self._exports.items()).items():
-            lines += render_announce(prefixes, attributes, peer=peer)
+            lines += render_announce(prefixes, attributes, peers=() if peer is None else (peer,))
         reflected = self._reflected
         targets = reflected.items() if peer is None else [(peer, reflected.get(peer, {}))]
         for target, routes in targets:
             for attributes, prefixes in group_by_attributes(routes.items()).items():
-                lines += render_announce(prefixes, attributes, peer=target)
+                lines += render_announce(prefixes, attributes, peers=(target,))
         return lines
 
     # --- routes ---------------------------------------------------------------------------
@@ -538,36 +538,40 @@ class ExaBGPSpeaker:
 
         await self._routes_command(record, render_announce(items, attributes))
 
-    async def withdraw(self, prefixes: Iterable[IPNet], *, peer: IPAddr | None = None) -> None:
-        """Stop advertising ``prefixes``: our exports (peer None) or what we reflect to peer."""
+    async def withdraw(self, prefixes: Iterable[IPNet], *, peers: Sequence[IPAddr] = ()) -> None:
+        """Stop advertising ``prefixes``: our exports (no peers) or what we reflect to peers."""
         items = list(prefixes)
 
         def record() -> None:
-            table = self._exports if peer is None else self._reflected.get(peer, {})
-            for prefix in items:
-                table.pop(prefix, None)
+            tables = [self._reflected.get(p, {}) for p in peers] if peers else [self._exports]
+            for table in tables:
+                for prefix in items:
+                    table.pop(prefix, None)
 
-        await self._routes_command(record, render_withdraw(items, peer=peer))
+        await self._routes_command(record, render_withdraw(items, peers=peers))
 
     async def reflect(
-        self, peer: IPAddr, prefixes: Iterable[IPNet], attributes: PathAttributes
+        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
     ) -> None:
-        """Advertise learned routes to one session with their attributes unchanged.
+        """Advertise learned routes to these sessions with their attributes unchanged.
 
         The caller (the RIB) has already set ORIGINATOR_ID and prepended our cluster id
         (RFC 4456). The AS path is sent as given: only reflect to iBGP sessions.
         """
-        if peer not in {s.peer_ip for s in self._sessions}:
-            raise ValueError(f"peer: {peer} is not a configured session")
+        configured = {s.peer_ip for s in self._sessions}
+        unknown = [str(p) for p in peers if p not in configured]
+        if unknown or not peers:
+            raise ValueError(f"peers: {unknown or 'none'} not configured sessions")
         outgoing = OutgoingAttributes.reflected(attributes)
         items = list(prefixes)
 
         def record() -> None:
-            table = self._reflected.setdefault(peer, {})
-            for prefix in items:
-                table[prefix] = outgoing
+            for peer in peers:
+                table = self._reflected.setdefault(peer, {})
+                for prefix in items:
+                    table[prefix] = outgoing
 
-        await self._routes_command(record, render_announce(items, outgoing, peer=peer))
+        await self._routes_command(record, render_announce(items, outgoing, peers=peers))
 
     async def _routes_command(self, record: Callable[[], None], lines: list[str]) -> None:
         futures: list[_Sent] = []

@@ -12,7 +12,7 @@ holds the decisions that go beyond the node mesh:
   make-before-break; `PrefixLimits`: peers cut off for exceeding `maxPrefixes`), the peers'
   BGP identifiers from their OPENs, and route reflection: after every RIB change the
   affected prefixes go through `reflector.Reflector` and only the differences from what each
-  neighbour holds (`AdjRibOut`) are sent with `ExaBGPSpeaker.reflect` / `withdraw(peer=)`.
+  neighbour holds (`AdjRibOut`) are sent with `ExaBGPSpeaker.reflect` / `withdraw(peers=)`.
 """
 
 from __future__ import annotations
@@ -283,11 +283,17 @@ class Peering:
             if not changes:
                 return
             started = time.monotonic()
-            for peer, gone in changes.withdraw.items():
-                await self._send(self.speaker.withdraw(gone, peer=peer), peer)
-            for peer, groups in changes.announce.items():
-                for attributes, routes in groups.items():
-                    await self._send(self.speaker.reflect(peer, routes, attributes), peer)
+            # Every group is queued before any ack is awaited (the speaker pipelines them).
+            await asyncio.gather(
+                *(
+                    self._send(self.speaker.withdraw(gone, peers=peers), peers)
+                    for peers, gone in changes.withdraw_groups()
+                ),
+                *(
+                    self._send(self.speaker.reflect(peers, routes, attributes), peers)
+                    for peers, attributes, routes in changes.announce_groups()
+                ),
+            )
             log.debug(
                 "reflected",
                 extra={
@@ -297,13 +303,13 @@ class Peering:
                 },
             )
 
-    async def _send(self, call: Any, peer: IPAddr) -> None:
+    async def _send(self, call: Any, peers: Sequence[IPAddr]) -> None:
         try:
             await call
         except Exception as err:  # e.g. the session was removed meanwhile: level state heals
             log.warning(
                 "reflection not sent",
-                extra={"op": "reflect", "peer": str(peer), "reason": str(err)},
+                extra={"op": "reflect", "peers": " ".join(map(str, peers)), "reason": str(err)},
             )
 
     def retiring(self) -> list[SessionSpec]:

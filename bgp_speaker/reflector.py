@@ -149,11 +149,44 @@ class OutChanges:
     def __bool__(self) -> bool:
         return bool(self.announce or self.withdraw)
 
+    def announce_groups(self) -> list[tuple[tuple[IPAddr, ...], PathAttributes, list[IPNet]]]:
+        """The announcements as (neighbours, attributes, prefixes): a route going to several
+        neighbours with the same attributes (a client's block, to every other client) is one
+        group, sent once to all of them."""
+        peers_of: dict[PathAttributes, dict[IPNet, list[IPAddr]]] = {}
+        for address, groups in self.announce.items():
+            for attributes, prefixes in groups.items():
+                by_prefix = peers_of.setdefault(attributes, {})
+                for prefix in prefixes:
+                    by_prefix.setdefault(prefix, []).append(address)
+        out: list[tuple[tuple[IPAddr, ...], PathAttributes, list[IPNet]]] = []
+        for attributes, by_prefix in peers_of.items():
+            for peers, prefixes in _by_peer_set(by_prefix).items():
+                out.append((peers, attributes, prefixes))
+        return out
+
+    def withdraw_groups(self) -> list[tuple[tuple[IPAddr, ...], list[IPNet]]]:
+        """The withdrawals as (neighbours, prefixes), grouped as `announce_groups`."""
+        by_prefix: dict[IPNet, list[IPAddr]] = {}
+        for address, prefixes in self.withdraw.items():
+            for prefix in prefixes:
+                by_prefix.setdefault(prefix, []).append(address)
+        return list(_by_peer_set(by_prefix).items())
+
     @property
     def routes(self) -> int:
         return sum(len(p) for groups in self.announce.values() for p in groups.values()) + sum(
             len(p) for p in self.withdraw.values()
         )
+
+
+def _by_peer_set(
+    by_prefix: Mapping[IPNet, list[IPAddr]],
+) -> dict[tuple[IPAddr, ...], list[IPNet]]:
+    out: dict[tuple[IPAddr, ...], list[IPNet]] = {}
+    for prefix, peers in by_prefix.items():
+        out.setdefault(tuple(sorted(peers)), []).append(prefix)
+    return out
 
 
 class AdjRibOut:

@@ -199,7 +199,7 @@ def test_announce_splits_families_and_renders_every_attribute() -> None:
         cluster_list=(IPv4Address("10.0.0.1"), IPv4Address("10.0.0.3")),
     )
     lines = render_announce(
-        [ip_network("fd10::/64"), ip_network("10.1.0.0/26")], attributes, peer=A
+        [ip_network("fd10::/64"), ip_network("10.1.0.0/26")], attributes, peers=[A]
     )
     assert lines == [
         "neighbor 10.0.0.1 announce attributes next-hop 10.0.0.9 origin igp as-path "
@@ -227,7 +227,7 @@ def test_reflected_attributes_round_trip() -> None:
 
 
 def test_withdraw_eor_refresh_clear() -> None:
-    assert render_withdraw(prefixes(1001), peer=A)[1] == (
+    assert render_withdraw(prefixes(1001), peers=[A])[1] == (
         "neighbor 10.0.0.1 withdraw attributes nlri 10.3.232.0/24"
     )
     assert render_eor() == "announce eor ipv4 unicast"
@@ -238,9 +238,18 @@ def test_withdraw_eor_refresh_clear() -> None:
         render_eor(5)
 
 
+def test_one_command_for_several_neighbours() -> None:
+    b = ip_address("10.0.0.2")
+    (line,) = render_withdraw(prefixes(1), peers=[A, b])
+    assert line == "neighbor 10.0.0.1 , neighbor 10.0.0.2 withdraw attributes nlri 10.0.0.0/24"
+    (line,) = render_announce(prefixes(1), peers=[A, b])
+    assert line.startswith("neighbor 10.0.0.1 , neighbor 10.0.0.2 announce attributes ")
+    assert acked_in_order(line)
+
+
 def test_which_commands_are_acked_in_order() -> None:
     assert acked_in_order(render_announce(prefixes(1))[0])
-    assert acked_in_order(render_withdraw(prefixes(1), peer=A)[0])
+    assert acked_in_order(render_withdraw(prefixes(1), peers=[A])[0])
     for command in (render_eor(), render_route_refresh(peer=A), render_clear_adj_rib_out(A)):
         assert not acked_in_order(command)
 
@@ -259,6 +268,8 @@ def test_which_commands_are_acked_in_order() -> None:
         "announce attributes next-hop self nlri 10.0.0.0/24\nshutdown",
         "announce attributes next-hop self nlri 10.0.0.0/24 ",
         "neighbor 10.0.0.x announce eor ipv4 unicast",
+        "neighbor 10.0.0.1 , neighbor 10.0.0.x withdraw attributes nlri 10.0.0.0/24",
+        "neighbor 10.0.0.1 , withdraw attributes nlri 10.0.0.0/24",
         "announce eor ipv4 flow",
         "withdraw attributes nlri " + " ".join(map(str, prefixes(1001))),
         "announce attributes next-hop self description «x» nlri 10.0.0.0/24",

@@ -158,10 +158,10 @@ def test_reflect_sends_originator_and_cluster_list(
     )  # fmt: skip
     prefix = IPv4Network("10.70.0.0/26")
     mark = b.log.mark()
-    exabgp_lab.run(a.speaker.reflect(B_IP, [prefix], learned))
+    exabgp_lab.run(a.speaker.reflect([B_IP], [prefix], learned))
     event = exabgp_lab.run(b.log.wait(announced(A_IP, prefix), since=mark))
     assert event.attributes == learned
-    exabgp_lab.run(a.speaker.withdraw([prefix], peer=B_IP))
+    exabgp_lab.run(a.speaker.withdraw([prefix], peers=[B_IP]))
     exabgp_lab.run(b.log.wait(lambda e: e == RoutesWithdrawn(A_IP, (prefix,)), since=mark))
 
 
@@ -320,7 +320,7 @@ def test_a_stalled_agent_never_stalls_exabgp_and_resyncs_after(
         stopped = time.monotonic()
         # ~360 KB of JSON at D: more than the socket (~220 KB) and the relay (4 KiB) hold.
         prefixes = [IPv4Network(f"10.{160 + n // 256}.{n % 256}.0/26") for n in range(12_000)]
-        lab.run(a.speaker.reflect(d_ip, prefixes, PathAttributes(next_hop=A_IP)))
+        lab.run(a.speaker.reflect([d_ip], prefixes, PathAttributes(next_hop=A_IP)))
         lab.run(asyncio.sleep(max(0.0, stopped + 5 - time.monotonic())))  # > hold time 3 s
         assert not [e for e in a.log.since(mark) if down(d_ip)(e)], "D's ExaBGP froze"
         os.kill(child.proc.pid, signal.SIGCONT)

@@ -145,9 +145,12 @@ def test_tor_values_make_a_peer_per_rack_with_its_password_secret(render):
     (role,) = [o for o in by_kind(objects, "Role") if "password" in o["metadata"]["name"]]
     assert role["metadata"]["namespace"] == NAMESPACE
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": [
-            "bgp-passwords"
-        ]}
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["bgp-passwords"],
+        }
     ]
     (ipam,) = by_kind(objects, "IPAMConfig")
     assert ipam["spec"] == {"strictAffinity": True, "maxBlocksPerHost": 8}

@@ -129,8 +129,13 @@ def test_a_crashed_exabgp_is_restarted_and_forwarding_goes_on(lab: OverlayFabric
 def test_a_dead_node_is_forgotten_within_hold_time(lab: OverlayFabric) -> None:
     changed = time.time()
     with lab.store() as store:
-        store.create(Resource("BGPConfiguration", "default",
-                              {"holdTime": HOLD, "keepaliveTime": 1, "gracefulRestartTime": 0}))
+        store.create(
+            Resource(
+                "BGPConfiguration",
+                "default",
+                {"holdTime": HOLD, "keepaliveTime": 1, "gracefulRestartTime": 0},
+            )
+        )
     lab.wait_sessions_after(changed)  # renegotiated with the new timers, without GR
     n3_block = lab.block_of("n3")
     for node in ("n1", "n2"):

@@ -19,6 +19,7 @@ TOPOLOGIES = REPO / "tests" / "topologies"
 @functools.cache
 def _validator() -> Any:
     import jsonschema
+
     # Draft7Validator directly: the schema's \p{L} escapes are not Python `re` syntax, so
     # `jsonschema.validate` (which checks the schema first) would reject the schema itself.
     return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))

@@ -69,11 +69,13 @@ class FakeSpeaker:
     async def announce(self, prefixes, **attrs) -> None:
         self.calls.append(("announce", tuple(map(str, prefixes)), attrs.get("communities")))
 
-    async def withdraw(self, prefixes, *, peer=None) -> None:
-        self.calls.append(("withdraw", str(peer), tuple(map(str, prefixes))))
+    async def withdraw(self, prefixes, *, peers=()) -> None:
+        for peer in peers or (None,):
+            self.calls.append(("withdraw", str(peer), tuple(map(str, prefixes))))
 
-    async def reflect(self, peer, prefixes, attributes) -> None:
-        self.calls.append(("reflect", str(peer), tuple(map(str, prefixes)), attributes))
+    async def reflect(self, peers, prefixes, attributes) -> None:
+        for peer in peers:
+            self.calls.append(("reflect", str(peer), tuple(map(str, prefixes)), attributes))
 
     async def send_eor(self, peer=None, afi=4) -> None:
         pass

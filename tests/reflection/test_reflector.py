@@ -150,6 +150,25 @@ def test_adj_rib_out_sends_only_changes():
     assert out.routes == {}
 
 
+def test_changes_for_several_neighbours_go_out_once_per_neighbour_set():
+    out = AdjRibOut()
+    a1 = PathAttributes(next_hop=C1, originator_id=C1, cluster_list=(CLUSTER,))
+    a2 = PathAttributes(next_hop=C2, originator_id=C2, cluster_list=(CLUSTER,))
+    other, third = ip_network("10.244.2.0/26"), ip_network("10.244.3.0/26")
+    changes = out.update(
+        {BLOCK: {C2: a1, C3: a1}, other: {C2: a1, C3: a1}, third: {C3: a1, C1: a2}},
+        [C1, C2, C3],
+    )
+    assert sorted(changes.announce_groups(), key=str) == sorted(
+        [((C2, C3), a1, [BLOCK, other]), ((C3,), a1, [third]), ((C1,), a2, [third])], key=str
+    )
+    changes = out.update({BLOCK: {}, other: {C2: a1}, third: {}}, [C1, C2, C3])
+    assert sorted(changes.withdraw_groups(), key=str) == sorted(
+        [((C2, C3), [BLOCK]), ((C3,), [other]), ((C1, C3), [third])], key=str
+    )
+    assert changes.announce_groups() == []
+
+
 def test_neighbour_identity_prefers_router_id():
     n = Neighbour(C1, True, ME)
     assert n.identity == C1
