@@ -373,6 +373,7 @@ class ExaBGPSpeaker:
                 env = render_env(
                     [s.local_address for s in wanted] if self.listen else [],
                     listen_port=self.listen_port,
+                    reflector=any(s.rr_client for s in wanted),
                     extra=self._env_extra,
                 )
             except ValueError as err:
@@ -401,7 +402,7 @@ class ExaBGPSpeaker:
                 await self.wait_ready(self._start_timeout)
             elif env != self._env:
                 self._env = env  # only a new process takes a new environment
-                self._request_restart("listen addresses changed")
+                self._request_restart("listen addresses or reflector role changed")
                 await self.wait_ready(self._start_timeout)
             elif running:
                 await self._reload(instance)  # type: ignore[arg-type]

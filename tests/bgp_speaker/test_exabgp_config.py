@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from bgp_speaker.exabgp_config import api_block_name, render_config, render_env
+from bgp_speaker.exabgp_config import (
+    NODE_SPEED,
+    REFLECTOR_SPEED,
+    api_block_name,
+    render_config,
+    render_env,
+)
 from bgp_speaker.routes import PeerType, SessionSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -85,6 +91,11 @@ def test_rendering_is_deterministic() -> None:
         random.Random(seed).shuffle(shuffled)
         assert render_config(ROUTER_ID, 64512, shuffled, RELAY, True) == expected
     assert list(render_env([ip_address("10.0.0.1")])) == sorted(render_env([]))
+
+
+def test_only_a_reflector_runs_the_fast_reactor() -> None:
+    assert render_env([])["exabgp.reactor.speed"] == NODE_SPEED == "1.0"
+    assert render_env([], reflector=True)["exabgp.reactor.speed"] == REFLECTOR_SPEED == "0.1"
 
 
 def test_env_outbound_only_and_custom_port() -> None:
