@@ -3,7 +3,9 @@
 ExaBGP has no limit of its own, so the agent counts: every prefix a peer announces (accepted
 by policy or not — the limit protects the agent from a flood) is held in the RIB, and when a
 peer holds more than its limit the session is torn down: everything it taught is dropped
-*before* the batch it arrived in reaches the kernel, the neighbour is removed from ExaBGP
+*before* the batch it arrived in reaches the kernel (and its initial table, which may come
+in several UPDATEs, reaches the kernel only at its End-of-RIB: a flood at session start is
+never installed in part), the neighbour is removed from ExaBGP
 (a Cease goes out) and the event is logged. The session stays down until its BGPPeer
 changes (a raised limit, say) or the agent restarts — as BIRD's `receive limit ... action
 disable` does; a peer that floods once floods again.

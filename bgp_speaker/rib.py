@@ -99,6 +99,7 @@ class Rib:
         self._by_peer: dict[IPAddr, set[IPNet]] = {}
         self._sessions: dict[IPAddr, SessionSpec] = {}
         self._stale: dict[IPAddr, set[IPNet]] = {}
+        self._held: set[IPAddr] = set()
         self.counters: dict[IPAddr, PeerCounters] = {}
 
     # --- inputs -----------------------------------------------------------------------------
@@ -172,8 +173,24 @@ class Rib:
         held = self.withdraw(peer, list(self._by_peer.get(peer, ())))
         self._by_peer.pop(peer, None)
         self._stale.pop(peer, None)
+        self._held.discard(peer)
         self.counters.pop(peer, None)
         return held
+
+    def hold(self, peer: IPAddr) -> None:
+        """Keep what the peer announces out of selection until `release` (its initial table
+        is judged as a whole: see `routing`)."""
+        self._held.add(peer)
+
+    def release(self, peer: IPAddr) -> set[IPNet]:
+        """The held peer's routes become selectable; returns the prefixes they touch."""
+        if peer not in self._held:
+            return set()
+        self._held.discard(peer)
+        return set(self._by_peer.get(peer, ()))
+
+    def is_held(self, peer: IPAddr) -> bool:
+        return peer in self._held
 
     def mark_stale(self, peer: IPAddr) -> None:
         """Graceful restart, receiving side (RFC 4724 §4.2): the session went down but the
@@ -197,7 +214,7 @@ class Rib:
     def _accepted(self, prefix: IPNet) -> list[Path]:
         out = []
         for peer, (attrs, verdict) in self._paths.get(prefix, {}).items():
-            if not verdict:
+            if not verdict and peer not in self._held:
                 session = self._sessions.get(peer)
                 out.append(Path(peer, attrs, bool(session and session.ebgp)))
         return out

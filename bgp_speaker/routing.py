@@ -71,6 +71,10 @@ FIB_BATCH = 5000
 FIB_RETRY = 1.0
 HANDOVER_TICK = 0.5
 RESYNC = 30.0  # seconds between level reconciles without a store change
+# A peer with a prefix limit: its initial table stays out of the kernel until its End-of-RIB,
+# so a flood is cut off whole even when it arrives in several UPDATEs; a peer that sends no
+# End-of-RIB has its routes installed this long after the session came up.
+INITIAL_TABLE_WAIT = 5.0
 HOLD_TICK = 0.1  # seconds between looks at the hold timers
 OVERLAY_RETRY = 2.0
 
@@ -145,6 +149,7 @@ class RoutingController:
         self.eor_seen: set[IPAddr] = set()
         self.speaker_restarts = 0
         self._stale_episode: dict[IPAddr, int] = {}
+        self._sessions_up: dict[IPAddr, int] = {}  # per peer: sessions seen up, for timers
         self._fib_lock = asyncio.Lock()  # a Fib is used from one thread at a time
         self.peering = Peering(self.rib, speaker)  # sessions to configure, reflection
         self._handover_ticking = False
@@ -375,13 +380,16 @@ class RoutingController:
                 return self.rib.withdraw(peer, prefixes)
             case EndOfRib(peer):
                 self.eor_seen.add(peer)
-                return self.rib.sweep_stale(peer)
+                return self.rib.sweep_stale(peer) | self.rib.release(peer)
             case PeerStateChanged(peer, state, reason):
                 self.peer_state[peer] = (state, time.time(), reason)
                 if state is SessionState.DOWN:
                     self.eor_seen.discard(peer)
+                    if self.rib.is_held(peer):  # never installed: nothing to keep forwarding
+                        return self.rib.drop_peer(peer)
                     return self._session_lost(peer, reason)
                 if state is SessionState.UP:
+                    self._hold_initial_table(peer)
                     self._spawn(self._after_session_up(peer))
             case SpeakerRestarted(reason):
                 self.speaker_restarts += 1
@@ -473,6 +481,24 @@ class RoutingController:
                 log.warning("stale routes swept", extra={"op": "bgp", "peer": str(peer),
                                                          "count": len(affected)})  # fmt: skip
                 await self._program(affected)
+
+    def _hold_initial_table(self, peer: IPAddr) -> None:
+        session = self._sessions_up[peer] = self._sessions_up.get(peer, 0) + 1
+        spec = self._session_spec(peer)
+        # Not while graceful restart keeps its stale routes: those forward meanwhile.
+        if spec is None or spec.max_prefixes is None or self.rib.stale(peer):
+            return
+        self.rib.hold(peer)
+        self._spawn(self._release_initial_table(peer, session))
+
+    async def _release_initial_table(self, peer: IPAddr, session: int) -> None:
+        await asyncio.sleep(INITIAL_TABLE_WAIT)
+        if self._sessions_up.get(peer) == session and self.rib.is_held(peer):
+            log.warning("no end-of-rib: installing the initial table",
+                        extra={"op": "bgp", "peer": str(peer)})  # fmt: skip
+            affected = self.rib.release(peer)
+            await self._program(affected)
+            await self.peering.reflect(affected)
 
     async def _after_session_up(self, peer: IPAddr) -> None:
         # manual-eor: ExaBGP sends End-of-RIB only when told, after our exports are queued.

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, ip_network
 from typing import Any
 
+from bgp_speaker import routing as routing_module
 from bgp_speaker.config import parse_bgp_config
 from bgp_speaker.export import Exports
 from bgp_speaker.peering import PeeringDesired, peer_policy
@@ -173,6 +174,54 @@ def test_max_prefixes_cuts_the_peer_off_before_anything_reaches_the_kernel():
         assert status[str(TOR)]["reason"] == "max-prefixes 3 exceeded (5 received)"
         # The next plan leaves the peer out of ExaBGP; the others stay.
         assert {s.peer_ip for s in routing._plan_sessions(routing.desired)} == {C1, C2}
+
+    asyncio.run(main())
+
+
+def test_a_flood_in_several_updates_is_cut_off_whole():
+    async def main() -> None:
+        routing, _, fib = reflector()
+        flood = tuple(ip_network(f"10.244.{i}.0/26") for i in range(20, 25))
+        attrs = PathAttributes(next_hop=TOR, as_path=(65001,))
+        await feed(routing, PeerStateChanged(TOR, SessionState.UP))
+        # Each UPDATE handled and programmed on its own, as when they arrive apart.
+        await feed(routing, RoutesAnnounced(TOR, flood[:2], attrs))  # within the limit (3)
+        assert not fib.ever & set(flood)
+        await feed(routing, RoutesAnnounced(TOR, flood[2:], attrs))
+        assert not fib.ever & set(flood)
+        assert routing.peering.limits.is_tripped(TOR)
+
+    asyncio.run(main())
+
+
+def test_a_limited_peers_initial_table_goes_in_at_its_end_of_rib():
+    async def main() -> None:
+        routing, _, fib = reflector()
+        table = tuple(ip_network(f"10.244.{i}.0/26") for i in range(20, 23))
+        attrs = PathAttributes(next_hop=TOR, as_path=(65001,))
+        await feed(routing, PeerStateChanged(TOR, SessionState.UP))
+        await feed(routing, RoutesAnnounced(TOR, table, attrs))
+        assert not fib.ever & set(table)
+        await feed(routing, EndOfRib(TOR))
+        assert set(table) <= set(fib.routes)
+        # Later updates go in as they come (one more would trip the limit: withdraw first).
+        await feed(routing, RoutesWithdrawn(TOR, table[:1]), RoutesAnnounced(TOR, (B2,), attrs))
+        assert B2 in fib.routes and table[0] not in fib.routes
+
+    asyncio.run(main())
+
+
+def test_a_limited_peer_without_end_of_rib_is_installed_after_a_wait(monkeypatch):
+    monkeypatch.setattr(routing_module, "INITIAL_TABLE_WAIT", 0.05)
+
+    async def main() -> None:
+        routing, _, fib = reflector()
+        table = tuple(ip_network(f"10.244.{i}.0/26") for i in range(20, 22))
+        await feed(routing, PeerStateChanged(TOR, SessionState.UP))
+        await feed(routing, RoutesAnnounced(TOR, table, PathAttributes(next_hop=TOR)))
+        assert not fib.ever & set(table)
+        await asyncio.sleep(0.3)
+        assert set(table) <= set(fib.routes)
 
     asyncio.run(main())
 
