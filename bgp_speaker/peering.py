@@ -34,10 +34,12 @@ from bgp_speaker.policy import AcceptRule, PeerPolicy, export_communities, parse
 from bgp_speaker.reflector import AdjRibOut, Reflector, neighbours_from_sessions
 from bgp_speaker.rib import ImportPolicy, Rib
 from bgp_speaker.routes import (
+    EndOfRib,
     IPAddr,
     IPNet,
     PeerOpened,
     RoutesAnnounced,
+    RoutesWithdrawn,
     SessionSpec,
     SpeakerEvent,
 )
@@ -204,13 +206,20 @@ class Peering:
     # --- events -----------------------------------------------------------------------------
 
     def ignores(self, event: SpeakerEvent) -> bool:
-        """Events to drop before the RIB: OPENs (recorded here) and anything from a peer
-        that was cut off and is on its way out."""
+        """Events to drop before the RIB: OPENs (recorded here), anything from a peer that
+        was cut off and is on its way out, and routes from a session no longer configured
+        (ExaBGP keeps it until its reload, which it may defer)."""
         if isinstance(event, PeerOpened):
             self.router_ids[event.peer] = event.router_id
             return True
         peer = getattr(event, "peer", None)
-        return peer is not None and self.limits.is_tripped(peer)
+        if peer is None:
+            return False
+        if isinstance(event, (RoutesAnnounced, RoutesWithdrawn, EndOfRib)) and not any(
+            s.peer_ip == peer for s in self.configured
+        ):
+            return True
+        return self.limits.is_tripped(peer)
 
     def over_limit(self, event: SpeakerEvent) -> SessionSpec | None:
         """After an announcement went into the RIB: the session to cut off, if any."""

@@ -61,6 +61,7 @@ def controller(graceful_restart_time: int | None) -> tuple[RoutingController, Fa
     )
     policy = ImportPolicy(((POOL, 26),), frozenset(), ME, 64512)
     routing.desired = DesiredState((spec,), Exports(), policy)
+    routing.peering.configured = (spec,)  # as _plan_sessions leaves it
     routing.rib.set_sessions([spec])
     routing.rib.set_policy(policy)
     return routing, fib

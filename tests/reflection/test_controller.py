@@ -226,6 +226,18 @@ def test_a_limited_peer_without_end_of_rib_is_installed_after_a_wait(monkeypatch
     asyncio.run(main())
 
 
+def test_routes_from_a_session_no_longer_configured_are_ignored():
+    async def main() -> None:
+        routing, _, fib = reflector()
+        gone = IPv4Address("10.0.0.99")  # removed; ExaBGP has not reloaded yet
+        attrs = PathAttributes(next_hop=gone)
+        await feed(routing, PeerStateChanged(gone, SessionState.UP),
+                   RoutesAnnounced(gone, (B1,), attrs), EndOfRib(gone))  # fmt: skip
+        assert B1 not in fib.ever and routing.rib.received(gone) == 0
+
+    asyncio.run(main())
+
+
 def test_export_communities_and_re_announce_when_they_change():
     async def main() -> None:
         routing, _, _ = reflector()
