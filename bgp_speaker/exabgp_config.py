@@ -200,13 +200,14 @@ def _quoted(value: str, field: str) -> str:
 
 
 # ExaBGP's reactor runs at most 50 API route changes per loop and then sleeps speed/100 s
-# unless a socket wakes it; it also wakes every speed/100 s when idle, running every peer.
-# 0.1 (1 ms) takes a reflector's 20k reflected routes in ~1.8x faster than 1.0 (ExaBGP's
-# default, 10 ms), but idles at 7% of a CPU with one session and 31% with 50; at 1.0 a node
-# idles at 2.5% and receives as fast (bench/converge.py). Only a reflector pushes routes by
-# the thousand through the API: it alone runs fast, and a node restarts its ExaBGP (graceful
-# restart keeps the routes) when it becomes or stops being a reflector.
-NODE_SPEED = "1.0"
+# unless a socket wakes it; idle, it also wakes every speed/100 s and runs every peer.
+# Measured with bench/converge.py: at 0.1 (1 ms) ExaBGP idles at 7% of a CPU with one
+# session and 31% with 50; at 0.5 at 3.5% (7.5% with 50), as at ExaBGP's default 1.0, and
+# it receives 20k routes as fast as at 0.1. What the loop time slows is API intake: 20k
+# reflected routes take 1.4x longer at 0.5 than at 0.1, 1.8x at 1.0. Only a reflector pushes
+# routes by the thousand through the API, so it alone runs at 0.1; a node restarts its
+# ExaBGP (graceful restart keeps the routes) when it becomes or stops being a reflector.
+NODE_SPEED = "0.5"
 REFLECTOR_SPEED = "0.1"
 
 

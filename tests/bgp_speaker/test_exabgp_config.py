@@ -94,7 +94,7 @@ def test_rendering_is_deterministic() -> None:
 
 
 def test_only_a_reflector_runs_the_fast_reactor() -> None:
-    assert render_env([])["exabgp.reactor.speed"] == NODE_SPEED == "1.0"
+    assert render_env([])["exabgp.reactor.speed"] == NODE_SPEED == "0.5"
     assert render_env([], reflector=True)["exabgp.reactor.speed"] == REFLECTOR_SPEED == "0.1"
 
 
