@@ -488,22 +488,13 @@ class Crash(BaseException):
     """Stands for SIGKILL: not an Exception, so no `except Exception` handler sees it."""
 
 
-@dataclass
-class CrashingStore:
-    """Raises `Crash` instead of performing the first write that `when` matches; from then on
-    every call raises `Crash` too, so no undo or cleanup of the dying writer reaches the store.
-    """
+class WrappedStore:
+    """A real store whose every call goes through `_call(op, what, do)` (`do` performs it),
+    for the subclasses to stop or interleave writers at a chosen call."""
 
     inner: SqliteStore
-    when: Callable[[str, Resource | tuple[str, str]], bool]
-    dead: bool = False
 
     def _call(self, op: str, what, do: Callable[[], object]):
-        if self.dead:
-            raise Crash(f"{op} after death")
-        if op in ("create", "update", "delete") and self.when(op, what):
-            self.dead = True
-            raise Crash(op)
         return do()
 
     def get(self, kind: str, name: str) -> Resource:
@@ -520,6 +511,25 @@ class CrashingStore:
 
     def delete(self, kind: str, name: str, revision: str | None = None) -> None:
         self._call("delete", (kind, name), lambda: self.inner.delete(kind, name, revision))
+
+
+@dataclass
+class CrashingStore(WrappedStore):
+    """Raises `Crash` instead of performing the first write that `when` matches; from then on
+    every call raises `Crash` too, so no undo or cleanup of the dying writer reaches the store.
+    """
+
+    inner: SqliteStore
+    when: Callable[[str, Resource | tuple[str, str]], bool]
+    dead: bool = False
+
+    def _call(self, op: str, what, do: Callable[[], object]):
+        if self.dead:
+            raise Crash(f"{op} after death")
+        if op in ("create", "update", "delete") and self.when(op, what):
+            self.dead = True
+            raise Crash(op)
+        return do()
 
 
 def _crash_on(op: str, kind: str) -> Callable[[str, object], bool]:
@@ -708,7 +718,7 @@ def test_lost_block_race_undoes_the_handle_and_retries(store: SqliteStore, clock
 
 
 @dataclass
-class InterleavingStore:
+class InterleavingStore(WrappedStore):
     """Runs `then` once, right after the first write `when` matches has reached the store
     (or failed there): the other writer's steps land exactly between two of this one's."""
 
@@ -717,28 +727,13 @@ class InterleavingStore:
     then: Callable[[], object]
     done: bool = False
 
-    def _write(self, op: str, what, do: Callable[[], object]):
+    def _call(self, op: str, what, do: Callable[[], object]):
         try:
             return do()
         finally:
-            if not self.done and self.when(op, what):
+            if not self.done and op in ("create", "update", "delete") and self.when(op, what):
                 self.done = True
                 self.then()
-
-    def get(self, kind: str, name: str) -> Resource:
-        return self.inner.get(kind, name)
-
-    def list(self, kind: str, selector=EVERYTHING):
-        return self.inner.list(kind, selector)
-
-    def create(self, obj: Resource) -> Resource:
-        return self._write("create", obj, lambda: self.inner.create(obj))
-
-    def update(self, obj: Resource) -> Resource:
-        return self._write("update", obj, lambda: self.inner.update(obj))
-
-    def delete(self, kind: str, name: str, revision: str | None = None) -> None:
-        self._write("delete", (kind, name), lambda: self.inner.delete(kind, name, revision))
 
 
 def _empty_block_of(ipam: IPAM, node: str) -> IPNetwork:
