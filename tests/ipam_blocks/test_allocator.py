@@ -532,8 +532,14 @@ class CrashingStore(WrappedStore):
         return do()
 
 
-def _crash_on(op: str, kind: str) -> Callable[[str, object], bool]:
-    return lambda o, what: o == op and getattr(what, "kind", None) == kind
+def _write_of(op: str, kind: str) -> Callable[[str, object], bool]:
+    """Matches the write `op` of an object of `kind` (a Resource, or (kind, name) for deletes)."""
+
+    def matches(o: str, what: object) -> bool:
+        written = what[0] if isinstance(what, tuple) else getattr(what, "kind", None)
+        return o == op and written == kind
+
+    return matches
 
 
 @pytest.mark.parametrize(
@@ -550,7 +556,7 @@ def test_interrupted_claim_is_finished_by_the_nodes_next_assign(
     make_pool(ipam)
     make_nodes(ipam, "n1")
     with pytest.raises(Crash):
-        assign(IPAM(CrashingStore(store, _crash_on(*crash_before)), clock), "n1", "h-1")
+        assign(IPAM(CrashingStore(store, _write_of(*crash_before)), clock), "n1", "h-1")
     (cidr,) = affinities(ipam, "n1")
     assert affinities(ipam, "n1") == {cidr: AffinityState.PENDING}
     assert [b.cidr for b in ipam.blocks()] == ([cidr] if block_left else [])
@@ -573,7 +579,7 @@ def test_interrupted_claim_is_cleaned_by_gc_after_grace(
     make_nodes(ipam, "n1")
     crash_before = ("update", "BlockAffinity") if block_left else ("create", "IPAMBlock")
     with pytest.raises(Crash):
-        assign(IPAM(CrashingStore(store, _crash_on(*crash_before)), clock), "n1", "h-1")
+        assign(IPAM(CrashingStore(store, _write_of(*crash_before)), clock), "n1", "h-1")
     (cidr,) = affinities(ipam, "n1")
 
     # Within the grace period the claim may still be in flight: gc leaves it alone.
@@ -601,7 +607,7 @@ def test_pending_affinity_for_a_block_another_node_won_is_dropped(
     make_pool(ipam)
     make_nodes(ipam, "n1", "n2")
     with pytest.raises(Crash):
-        assign(IPAM(CrashingStore(store, _crash_on("create", "IPAMBlock")), clock), "n1", "h")
+        assign(IPAM(CrashingStore(store, _write_of("create", "IPAMBlock")), clock), "n1", "h")
     (cidr,) = affinities(ipam, "n1")
     ipam.assign_ip(cidr.network, "n2", "h-n2")  # n2 claims the very block n1 was after
     assert ipam.read_block(cidr).affinity == "n2"
@@ -622,7 +628,7 @@ def test_handle_counted_but_block_not_written_is_a_mismatch_gc_settles(
     cidr = str(block_of(ip))
     # A second assignment for h-1 that died between the handle and the block write.
     with pytest.raises(Crash):
-        assign(IPAM(CrashingStore(store, _crash_on("update", "IPAMBlock")), clock), "n1", "h-1")
+        assign(IPAM(CrashingStore(store, _write_of("update", "IPAMBlock")), clock), "n1", "h-1")
     assert store.get("IPAMHandle", "h-1").spec["block"] == {cidr: 2}
     # The same state made by hand: h-2's count bumped with no block write behind it.
     res = store.get("IPAMHandle", "h-2")
@@ -667,7 +673,7 @@ def test_suspect_handle_is_settled_once_the_grace_period_has_passed(
     make_pool(ipam)
     make_nodes(ipam, "n1")
     with pytest.raises(Crash):
-        assign(IPAM(CrashingStore(store, _crash_on("update", "IPAMBlock")), clock), "n1", "h-1")
+        assign(IPAM(CrashingStore(store, _write_of("update", "IPAMBlock")), clock), "n1", "h-1")
     assert collect_garbage(ipam, liveness(ipam), grace=30).suspect_handles == ["h-1"]
     clock.now += 29
     assert collect_garbage(ipam, liveness(ipam), grace=30).suspect_handles == ["h-1"]
@@ -742,36 +748,41 @@ def _empty_block_of(ipam: IPAM, node: str) -> IPNetwork:
     return block_of(ip)
 
 
-def test_release_racing_a_reclaim_by_the_same_node_leaves_the_block_recorded(
-    store: SqliteStore, clock: Clock
-) -> None:
+def _n1_with_an_empty_block(store: SqliteStore, clock: Clock) -> tuple[IPAM, IPNetwork]:
     ipam = IPAM(store, clock)
     make_pool(ipam)
     make_nodes(ipam, "n1")
-    cidr = _empty_block_of(ipam, "n1")
-    # The release has deleted the empty block; before it drops its record, a pod ADD on the
-    # same node claims that block again (it is free now).
-    releasing = IPAM(
-        InterleavingStore(
-            store,
-            when=lambda op, what: op == "delete" and what[0] == "IPAMBlock",
-            then=lambda: ipam.assign_ip(cidr.network, "n1", "h-new"),
-        ),
-        clock,
-    )
-    releasing.release_affinity("n1", cidr)
+    return ipam, _empty_block_of(ipam, "n1")
+
+
+def _n1_holds(ipam: IPAM, cidr: IPNetwork) -> None:
     assert ipam.read_block(cidr).affinity == "n1"
     assert affinities(ipam, "n1") == {cidr: AffinityState.CONFIRMED}
     assert check(ipam, liveness(ipam)).clean
 
 
+def test_release_racing_a_reclaim_by_the_same_node_leaves_the_block_recorded(
+    store: SqliteStore, clock: Clock
+) -> None:
+    ipam, cidr = _n1_with_an_empty_block(store, clock)
+    # The release has deleted the empty block; before it drops its record, a pod ADD on the
+    # same node claims that block again (it is free now).
+    releasing = IPAM(
+        InterleavingStore(
+            store,
+            when=_write_of("delete", "IPAMBlock"),
+            then=lambda: ipam.assign_ip(cidr.network, "n1", "h-new"),
+        ),
+        clock,
+    )
+    releasing.release_affinity("n1", cidr)
+    _n1_holds(ipam, cidr)
+
+
 def test_claim_whose_record_a_finishing_release_dropped_writes_it_again(
     store: SqliteStore, clock: Clock
 ) -> None:
-    ipam = IPAM(store, clock)
-    make_pool(ipam)
-    make_nodes(ipam, "n1")
-    cidr = _empty_block_of(ipam, "n1")
+    ipam, cidr = _n1_with_an_empty_block(store, clock)
     # The release is past its block delete; the claim finds the release's record in place
     # (AlreadyExists), and the release drops that record before the claim confirms it.
     ipam._set_affinity_state("n1", cidr, AffinityState.PENDING_DELETION)
@@ -779,14 +790,13 @@ def test_claim_whose_record_a_finishing_release_dropped_writes_it_again(
     claiming = IPAM(
         InterleavingStore(
             store,
-            when=lambda op, what: op == "create" and getattr(what, "kind", "") == "BlockAffinity",
+            when=_write_of("create", "BlockAffinity"),
             then=lambda: ipam._drop_released_affinity("n1", cidr),
         ),
         clock,
     )
     claiming.assign_ip(cidr.network, "n1", "h-new")
-    assert affinities(ipam, "n1") == {cidr: AffinityState.CONFIRMED}
-    assert check(ipam, liveness(ipam)).clean
+    _n1_holds(ipam, cidr)
 
 
 def test_check_reports_a_block_without_its_affinity_and_gc_records_it(
