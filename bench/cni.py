@@ -221,6 +221,7 @@ def _plugins_version() -> str:
 def write_section(text: str, path: Path = RESULTS) -> None:
     replace_section(START, END, text, path)
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=200)

@@ -261,8 +261,8 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT) -> Non
         time.sleep(POLL)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL; then whatever it left in the receiver namespace."""
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
     with contextlib.suppress(ProcessLookupError):
         proc.terminate()
     try:
@@ -270,6 +270,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """`terminate`; then whatever it left in the receiver namespace."""
+    terminate(proc)
     deadline = time.monotonic() + 10
     while netns_pids(RECV) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -653,9 +658,9 @@ def render(bench: Bench, repeats: int, loads: tuple[str, str], prof: dict | None
     return "\n".join(lines)
 
 
-
 def write_section(text: str, path: Path = RESULTS) -> None:
     replace_section(START, END, text, path)
+
 
 def setup_store(url: str) -> None:
     store = open_store(url)
@@ -869,13 +874,7 @@ class RrBench:
         return spawn(RR, argv, run_dir / f"{reflector}.log")
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         for pid in netns_pids(RR):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -1084,6 +1083,7 @@ def render_rr(bench: RrBench, repeats: int, loads: tuple[str, str]) -> str:
 
 def write_rr_section(text: str, path: Path = RESULTS) -> None:
     replace_section(RR_START, RR_END, text, path)
+
 
 def main_reflector(args: argparse.Namespace) -> int:
     before = load_average()

@@ -151,6 +151,7 @@ def report(
 def write_section(text: str, path: Path = RESULTS) -> None:
     replace_section(START, END, text, path)
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -160,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
-    with tempfile.TemporaryDirectory(prefix="l3fabric-failover-") as tmp, running_lab(
-        Path(tmp), two_subnets_document(), nodes=NODES
-    ) as fabric:
+    with (
+        tempfile.TemporaryDirectory(prefix="l3fabric-failover-") as tmp,
+        running_lab(Path(tmp), two_subnets_document(), nodes=NODES) as fabric,
+    ):
         net = OverlayFabric(fabric)
         net.set_pool(vxlanMode="CrossSubnet")
         eventually(net.sessions_up, CONVERGE, "sessions")

@@ -218,9 +218,9 @@ def render(results: dict[str, dict], count: int, repeats: int, loads: tuple[str,
     return "\n".join(lines)
 
 
-
 def write_section(text: str, path: Path = RESULTS) -> None:
     replace_section(START, END, text, path)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -293,6 +293,7 @@ def render(
 def write_section(text: str, path: Path = RESULTS) -> None:
     replace_section(START, END, f"{START}\n{text}\n{END}", path)
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--total", type=int, default=4000, help="assignments per run")

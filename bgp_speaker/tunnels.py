@@ -325,11 +325,7 @@ def _ensure_ipip(ipr: IPRoute, mtu: int) -> str:
             return f"{IPIP_DEVICE} does not exist and cannot be created"
     if _kind(link) != "ipip":
         return f"{IPIP_DEVICE} exists but is a {_kind(link)} device, not ipip"
-    index = link["index"]
-    if link.get_attr("IFLA_MTU") != mtu:
-        ipr.link("set", index=index, mtu=mtu)
-    if not link["flags"] & 1:
-        ipr.link("set", index=index, state="up")
+    _set_mtu_and_up(ipr, link, mtu)
     return ""
 
 
@@ -392,11 +388,7 @@ def _ensure_vxlan(ipr: IPRoute, policy: EncapPolicy, node: IPv4Interface, mtu: i
                 return f"this kernel has no VXLAN support (creating {VXLAN_DEVICE}: {err})"
             raise
         link = _link(ipr, VXLAN_DEVICE)
-    index = link["index"]
-    if link.get_attr("IFLA_MTU") != mtu:
-        ipr.link("set", index=index, mtu=mtu)
-    if not link["flags"] & 1:
-        ipr.link("set", index=index, state="up")
+    _set_mtu_and_up(ipr, link, mtu)
     return ""
 
 
@@ -534,3 +526,10 @@ class EncapFib:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fib, name)
+
+
+def _set_mtu_and_up(ipr: Any, link: Any, mtu: int) -> None:
+    if link.get_attr("IFLA_MTU") != mtu:
+        ipr.link("set", index=link["index"], mtu=mtu)
+    if not link["flags"] & 1:  # IFF_UP
+        ipr.link("set", index=link["index"], state="up")
