@@ -40,17 +40,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 
-from netaddr import IPNetwork
-from results import replace_section
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from ipam_blocks.allocator import IPAM, AssignRequest
-from ipam_blocks.check import analyze, take_snapshot
-from ipam_blocks.liveness import PodRef
-from ipam_blocks.model import IPPool, Node
-from ipam_blocks.pools import add_node, add_pool
-from ipam_blocks.store.sqlite import SqliteStore
+from netaddr import IPNetwork  # noqa: E402
+from results import replace_section  # noqa: E402
+
+from ipam_blocks.allocator import IPAM, AssignRequest  # noqa: E402
+from ipam_blocks.check import analyze, take_snapshot  # noqa: E402
+from ipam_blocks.liveness import PodRef  # noqa: E402
+from ipam_blocks.model import IPPool, Node  # noqa: E402
+from ipam_blocks.pools import add_node, add_pool  # noqa: E402
+from ipam_blocks.store.sqlite import SqliteStore  # noqa: E402
+from tests.ipam_blocks.test_concurrency import get_from_children  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- ipam:start -->", "<!-- ipam:end -->"
@@ -121,18 +124,6 @@ def _worker(
     results.put((worker, done, latencies, ips, conflicts.count))
 
 
-def _get(queue, procs, timeout: float):
-    """queue.get, but fail fast when a child process died instead of answering."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return queue.get(timeout=0.5)
-        except Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"child processes failed (exit codes {dead})") from None
-
-
 class _Counter(logging.Handler):
     """Counts the retry loop's "conflict, retrying" records."""
 
@@ -177,10 +168,10 @@ def run_once(cfg: Config, total: int, profile_dir: str | None = None) -> RunResu
         for p in procs:
             p.start()
         for _ in procs:
-            _get(ready, procs, 120)
+            get_from_children(ready, procs, 120)
         start = time.monotonic()
         go.set()
-        outs = [_get(results, procs, 600) for _ in procs]
+        outs = [get_from_children(results, procs, 600) for _ in procs]
         for p in procs:
             p.join(timeout=30)
         end = max(out[1] for out in outs)

@@ -86,7 +86,7 @@ def _allocate(spec: StoreSpec, worker: int, ready, go, results) -> None:
         results.put((worker, [], f"{type(e).__name__}: {e}"))
 
 
-def _get(queue, procs, timeout: float):
+def get_from_children(queue, procs, timeout: float):
     """queue.get, but fail fast when a child process died instead of answering."""
     deadline = time.monotonic() + timeout
     while True:
@@ -109,13 +109,13 @@ def run_allocators(spec: StoreSpec) -> tuple[list[tuple[str, str, str]], float]:
     for p in procs:
         p.start()
     try:
-        for _ in procs:
-            _get(ready, procs, 60)  # each child has imported everything and opened the store
+        for _ in procs:  # each child has imported everything and opened the store
+            get_from_children(ready, procs, 60)
         start = time.monotonic()
         go.set()
         out, errors = [], []
         for _ in procs:
-            worker, got, error = _get(results, procs, TIME_LIMIT * 2)
+            worker, got, error = get_from_children(results, procs, TIME_LIMIT * 2)
             out += got
             if error:
                 errors.append(f"worker {worker}: {error}")
