@@ -47,7 +47,6 @@ COPY l3fabric ./l3fabric
 COPY ipam_blocks ./ipam_blocks
 COPY bgp_speaker ./bgp_speaker
 COPY cni ./cni
-COPY lab ./lab
 RUN set -eux; \
     "$PY/bin/python3" -m pip install --no-cache-dir --root-user-action=ignore . ; \
     "$PY/bin/python3" -m pip uninstall -y --root-user-action=ignore pip setuptools wheel || true; \

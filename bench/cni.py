@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 from netaddr import IPNetwork  # noqa: E402
 from results import replace_section  # noqa: E402
 
+from bgp_speaker.kernel.netns import open_netns, run_in_netns  # noqa: E402
 from cni.install import install  # noqa: E402
-from cni.netns import open_netns, run_in_netns  # noqa: E402
 from ipam_blocks.allocator import IPAM  # noqa: E402
 from ipam_blocks.model import IPPool, Node  # noqa: E402
 from ipam_blocks.pools import add_node, add_pool  # noqa: E402

@@ -80,7 +80,7 @@ sys.path.insert(0, str(REPO))
 from netaddr import IPNetwork  # noqa: E402
 from results import load_average, replace_section  # noqa: E402
 
-from cni.netns import open_netns, run_in_netns  # noqa: E402
+from bgp_speaker.kernel.netns import open_netns, run_in_netns  # noqa: E402
 from ipam_blocks.allocator import IPAM  # noqa: E402
 from ipam_blocks.model import IPPool, Node  # noqa: E402
 from ipam_blocks.pools import add_node, add_pool  # noqa: E402
@@ -329,7 +329,7 @@ def role(pid: int) -> str:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return "gone"
-    if "exabgp_relay" in cmdline:
+    if "exabgp/relay.py" in cmdline:
         return "relay"
     if "exabgp" in cmdline:
         return "ExaBGP"
@@ -466,18 +466,18 @@ CATEGORIES = (
     ("ExaBGP", "adj-RIB-in cache", "exabgp/rib/"),
     ("ExaBGP", "logging", "exabgp/logger/"),
     ("ExaBGP", "socket I/O, reactor", "exabgp/reactor/"),
-    ("agent", "FIB: netlink pack/send/acks", "bgp_speaker/fib.py"),
-    ("agent", "FIB: netlink pack/send/acks", "bgp_speaker/netlink_batch.py"),
+    ("agent", "FIB: netlink pack/send/acks", "bgp_speaker/kernel/fib.py"),
+    ("agent", "FIB: netlink pack/send/acks", "bgp_speaker/kernel/netlink_batch.py"),
     ("agent", "import policy", "ImportPolicy.rejection"),
     ("agent", "route selection", "RoutingController._wanted_route"),
-    ("agent", "RIB announce/withdraw", "bgp_speaker/rib.py"),
-    ("agent", "ExaBGP JSON decoding (codec)", "bgp_speaker/exabgp_codec.py"),
-    ("agent", "speaker: relay stream", "bgp_speaker/exabgp_process.py"),
-    ("agent", "routing loop", "bgp_speaker/routing.py"),
-    ("agent", "store watch", "bgp_speaker/store_watch.py"),
+    ("agent", "RIB announce/withdraw", "bgp_speaker/bgp/rib.py"),
+    ("agent", "ExaBGP JSON decoding (codec)", "bgp_speaker/exabgp/codec.py"),
+    ("agent", "speaker: relay stream", "bgp_speaker/exabgp/process.py"),
+    ("agent", "routing loop", "bgp_speaker/routing/controller.py"),
+    ("agent", "store watch", "bgp_speaker/routing/store_watch.py"),
     ("agent", "asyncio / threads", "asyncio/"),
     ("agent", "asyncio / threads", "threading.py"),
-    ("relay", "relay", "exabgp_relay.py"),
+    ("relay", "relay", "exabgp/relay.py"),
 )
 
 
@@ -491,7 +491,7 @@ def categorise(raw: Path) -> dict[str, Counter[str]]:
         if not procs:
             continue
         cmd = frames[procs[-1]]
-        who = ("relay" if "exabgp_relay" in cmd else "ExaBGP" if "exabgp" in cmd
+        who = ("relay" if "exabgp/relay.py" in cmd else "ExaBGP" if "exabgp" in cmd
                else "agent")  # fmt: skip
         own = frames[procs[-1] + 1 :]
         category = "other"

@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from results import replace_section  # noqa: E402
 
-from bgp_speaker.encap import VXLAN_DEVICE  # noqa: E402
+from bgp_speaker.overlay.encap import VXLAN_DEVICE  # noqa: E402
 from ipam_blocks.store.base import Resource  # noqa: E402
-from lab import host  # noqa: E402
+from l3fabric.lab import host  # noqa: E402
 from tests.encap.overlay_lab import (  # noqa: E402
     CONVERGE,
     NODES,

@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 
 from results import load_average, replace_section  # noqa: E402
 
-from bgp_speaker.fib import Fib  # noqa: E402
-from bgp_speaker.routes import PROTO_BGP, KernelRoute, NextHop  # noqa: E402
+from bgp_speaker.bgp.routes import PROTO_BGP, KernelRoute, NextHop  # noqa: E402
+from bgp_speaker.kernel.fib import Fib  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 START, END = "<!-- fib:start -->", "<!-- fib:end -->"

@@ -35,7 +35,12 @@ from ipam_blocks.store import DEFAULT_STORE_URL, STORE_ENV
 Handler = Callable[[argparse.Namespace], int]
 
 # Packages whose `cli.register(subparsers)` contributes verbs, in help order.
-VERB_MODULES = ("ipam_blocks.cli", "bgp_speaker.cli", "cni.cli", "lab.cli")
+VERB_MODULES = (
+    "l3fabric.commands.ipam",
+    "l3fabric.commands.agent",
+    "l3fabric.commands.cni",
+    "l3fabric.commands.lab",
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 LOG_LEVELS = ("debug", "info", "warning", "error")

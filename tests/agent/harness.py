@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from netaddr import IPNetwork
 
-from cni import dataplane
+from bgp_speaker.pods import dataplane
 from cni.install import install
 from cni.protocol import AgentUnreachable, call
 from ipam_blocks import block as blockmath

@@ -1,4 +1,4 @@
-"""The agent's socket server (`bgp_speaker.api`) with stand-in ops."""
+"""The agent's socket server (`bgp_speaker.agent.api`) with stand-in ops."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bgp_speaker.api import ApiServer, SocketInUse
+from bgp_speaker.agent.api import ApiServer, SocketInUse
 from cni import errors
 from cni.errors import CniError
 from cni.protocol import AgentUnreachable, call, encode_request

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from bgp_speaker.pods import PodNetwork, pod_host_ifname
-from bgp_speaker.workloads import WorkloadRecords
+from bgp_speaker.pods.dataplane import DataplaneError, NetnsNotFound, PodAttachment
+from bgp_speaker.pods.network import PodNetwork, pod_host_ifname
+from bgp_speaker.pods.records import WorkloadRecords
 from cni import errors
-from cni.dataplane import DataplaneError, NetnsNotFound, PodAttachment
 from cni.errors import CniError
 from ipam_blocks import block as blockmath
 from ipam_blocks import retry

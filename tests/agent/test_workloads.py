@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bgp_speaker.workloads import RECORDS_FILE, WorkloadRecords, open_records_store
+from bgp_speaker.pods.records import RECORDS_FILE, WorkloadRecords, open_records_store
 from ipam_blocks.model import Workload
 from ipam_blocks.store.sqlite import SqliteStore
 

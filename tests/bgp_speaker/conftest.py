@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from bgp_speaker.exabgp_process import ExaBGPSpeaker
-from bgp_speaker.routes import PeerType, SessionSpec, SpeakerEvent
+from bgp_speaker.bgp.routes import PeerType, SessionSpec, SpeakerEvent
+from bgp_speaker.exabgp.process import ExaBGPSpeaker
 
 GOLDEN = Path(__file__).parent / "golden"
 AS = 64512

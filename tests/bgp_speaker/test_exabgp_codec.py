@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from bgp_speaker.exabgp_codec import (
+from bgp_speaker.bgp.routes import (
+    EndOfRib,
+    PathAttributes,
+    PeerStateChanged,
+    RoutesAnnounced,
+    RoutesWithdrawn,
+    SessionState,
+)
+from bgp_speaker.exabgp.codec import (
     Ack,
     InvalidCommand,
     MalformedMessage,
@@ -29,14 +37,6 @@ from bgp_speaker.exabgp_codec import (
     render_route_refresh,
     render_withdraw,
     validate_command,
-)
-from bgp_speaker.routes import (
-    EndOfRib,
-    PathAttributes,
-    PeerStateChanged,
-    RoutesAnnounced,
-    RoutesWithdrawn,
-    SessionState,
 )
 
 SAMPLES: dict[str, str] = json.loads(

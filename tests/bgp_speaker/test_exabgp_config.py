@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from bgp_speaker.exabgp_config import (
+from bgp_speaker.bgp.routes import PeerType, SessionSpec
+from bgp_speaker.exabgp.config import (
     NODE_SPEED,
     REFLECTOR_SPEED,
     api_block_name,
     render_config,
     render_env,
 )
-from bgp_speaker.routes import PeerType, SessionSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 ROUTER_ID = IPv4Address("10.0.0.1")

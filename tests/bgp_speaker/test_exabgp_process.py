@@ -29,10 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from bgp_speaker.exabgp_codec import MalformedMessage, parse_line
-from bgp_speaker.exabgp_config import NODE_SPEED, REFLECTOR_SPEED
-from bgp_speaker.exabgp_process import CommandFailed, ConfigRejected, ExaBGPSpeaker
-from bgp_speaker.routes import (
+from bgp_speaker.bgp.routes import (
     EndOfRib,
     PathAttributes,
     PeerStateChanged,
@@ -42,6 +39,9 @@ from bgp_speaker.routes import (
     SessionState,
     SpeakerRestarted,
 )
+from bgp_speaker.exabgp.codec import MalformedMessage, parse_line
+from bgp_speaker.exabgp.config import NODE_SPEED, REFLECTOR_SPEED
+from bgp_speaker.exabgp.process import CommandFailed, ConfigRejected, ExaBGPSpeaker
 from tests.bgp_speaker.conftest import (
     GOLDEN,
     ExaBGPLab,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bgp_speaker import exabgp_relay
+from bgp_speaker.exabgp import relay as exabgp_relay
 
 RELAY = Path(exabgp_relay.__file__)
 

@@ -4,8 +4,8 @@ from ipaddress import ip_network
 
 from netaddr import IPAddress, IPNetwork
 
-from bgp_speaker.export import blackhole_routes, compute_exports
-from bgp_speaker.routes import KernelRoute
+from bgp_speaker.bgp.export import blackhole_routes, compute_exports
+from bgp_speaker.bgp.routes import KernelRoute
 from ipam_blocks import block as blockmath
 from ipam_blocks.model import AffinityState, Attribute, BlockAffinity
 

@@ -21,10 +21,10 @@ from ipaddress import IPv4Network, ip_address, ip_network
 
 import pytest
 
-from bgp_speaker import fib as fib_module
-from bgp_speaker import netlink_batch as nl
-from bgp_speaker.fib import Fib, FibError
-from bgp_speaker.routes import PROTO_BGP, PROTO_WORKLOAD, IPNet, KernelRoute, NextHop
+from bgp_speaker.bgp.routes import PROTO_BGP, PROTO_WORKLOAD, IPNet, KernelRoute, NextHop
+from bgp_speaker.kernel import fib as fib_module
+from bgp_speaker.kernel import netlink_batch as nl
+from bgp_speaker.kernel.fib import Fib, FibError
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"

@@ -3,9 +3,9 @@
 import pytest
 from netaddr import IPNetwork
 
-from bgp_speaker.config import BgpConfig, parse_bgp_config, parse_bgp_peer
-from bgp_speaker.peers import desired_sessions
-from bgp_speaker.routes import PeerType
+from bgp_speaker.bgp.config import BgpConfig, parse_bgp_config, parse_bgp_peer
+from bgp_speaker.bgp.routes import PeerType
+from bgp_speaker.bgp.sessions import desired_sessions
 from ipam_blocks.errors import InvalidInput
 from ipam_blocks.model import Node
 from ipam_blocks.store.base import Resource

@@ -4,8 +4,8 @@ from ipaddress import IPv4Address, ip_address, ip_network
 
 import pytest
 
-from bgp_speaker.rib import ImportPolicy, Rib, desired_routes, kernel_route
-from bgp_speaker.routes import KernelRoute, NextHop, PathAttributes, PeerType, SessionSpec
+from bgp_speaker.bgp.rib import ImportPolicy, Rib, desired_routes, kernel_route
+from bgp_speaker.bgp.routes import KernelRoute, NextHop, PathAttributes, PeerType, SessionSpec
 
 ME = IPv4Address("10.0.0.1")
 A, B, C = (ip_address(f"10.0.0.{i}") for i in (2, 3, 4))

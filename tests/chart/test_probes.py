@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from bgp_speaker.api import ApiServer
-from bgp_speaker.cli import sessions_ready
+from bgp_speaker.agent.api import ApiServer
 from l3fabric.cli import main as cli_main
+from l3fabric.commands.agent import sessions_ready
 
 
 def _peer(address: str, state: str) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from bgp_speaker.pods import PodNetwork
-from bgp_speaker.routing import WATCHED_KINDS, RoutingController
-from bgp_speaker.routing_main import _identity
-from bgp_speaker.store_watch import StoreWatcher
-from bgp_speaker.workloads import WorkloadRecords, open_records_store
-from cni.dataplane import PodAttachment
+from bgp_speaker.pods.dataplane import PodAttachment
+from bgp_speaker.pods.network import PodNetwork
+from bgp_speaker.pods.records import WorkloadRecords, open_records_store
+from bgp_speaker.routing.controller import WATCHED_KINDS, RoutingController
+from bgp_speaker.routing.startup import _identity
+from bgp_speaker.routing.store_watch import StoreWatcher
 from ipam_blocks import retry
 from ipam_blocks.allocator import CLAIMED_AT_ANNOTATION, IPAM, NODE_LABEL, AssignRequest
 from ipam_blocks.gc import SUSPECT_ANNOTATION

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bgp_speaker.config import parse_bgp_config, parse_bgp_peer
+from bgp_speaker.bgp.config import parse_bgp_config, parse_bgp_peer
 from ipam_blocks.model import parse_ipam_config, parse_pool
 from ipam_blocks.store.base import Resource
 from l3fabric.cli import build_parser

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from bgp_speaker.routing import RoutingController
+from bgp_speaker.routing.controller import RoutingController
 from ipam_blocks.store.base import CRD_PLURALS, Resource
 from ipam_blocks.store.kube import KubeStore
 from tests.chart.conftest import MESH, ROUTE_REFLECTORS, TOR_PEERS

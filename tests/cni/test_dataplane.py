@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from cni import dataplane as dp
+from bgp_speaker.pods import dataplane as dp
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cni import dataplane, errors
+from bgp_speaker.pods import dataplane
+from cni import errors
 from ipam_blocks.allocator import AssignRequest
 from tests.agent.harness import HOST_ADDRESS, NODE, NodeHarness, in_netns, run_ip
 from tests.cni.runtime import REFERENCE_PLUGINS, ConflistRuntime, Container

@@ -20,7 +20,7 @@ from cni.install import install
 REPO = Path(__file__).resolve().parents[2]
 # Heavy or slow-to-import modules the shim must never load on its way to the agent.
 FORBIDDEN = {
-    "netaddr", "pyroute2", "kubernetes", "ipam_blocks", "bgp_speaker", "cni.dataplane",
+    "netaddr", "pyroute2", "kubernetes", "ipam_blocks", "bgp_speaker", "bgp_speaker.pods.dataplane",
     "json", "re", "typing", "socket", "dataclasses", "enum", "asyncio", "logging", "os",
 }  # fmt: skip
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lab import host
+from l3fabric.lab import host
 from tests.capture import capture
 from tests.fabric.harness import Fabric, eventually
 from tests.lab.harness import REPO, in_netns

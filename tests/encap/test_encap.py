@@ -1,4 +1,4 @@
-"""Per-pool encapsulation decisions (pure: bgp_speaker.encap)."""
+"""Per-pool encapsulation decisions (pure: bgp_speaker.overlay.encap)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from ipaddress import IPv4Address, IPv4Interface, ip_network
 import pytest
 from netaddr import IPNetwork
 
-from bgp_speaker.config import parse_bgp_config
-from bgp_speaker.encap import (
+from bgp_speaker.bgp.config import parse_bgp_config
+from bgp_speaker.bgp.routes import KernelRoute, NextHop
+from bgp_speaker.overlay.encap import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
     Encap,
@@ -22,7 +23,6 @@ from bgp_speaker.encap import (
     vtep_mac,
     vteps_of,
 )
-from bgp_speaker.routes import KernelRoute, NextHop
 from ipam_blocks.errors import InvalidInput
 from ipam_blocks.model import EncapMode, IPPool, parse_pool
 from ipam_blocks.store.base import Resource

@@ -1,11 +1,11 @@
-"""natOutgoing rules as nftables text (pure: bgp_speaker.nat rendering)."""
+"""natOutgoing rules as nftables text (pure: bgp_speaker.overlay.nat rendering)."""
 
 from __future__ import annotations
 
 from ipaddress import ip_network
 
-from bgp_speaker.encap import PoolEncap
-from bgp_speaker.nat import render_nat_table, render_nat_transaction
+from bgp_speaker.overlay.encap import PoolEncap
+from bgp_speaker.overlay.nat import render_nat_table, render_nat_transaction
 
 A = PoolEncap(ip_network("10.244.0.0/16"), "a", nat_outgoing=True)
 B = PoolEncap(ip_network("10.96.0.0/16"), "b")

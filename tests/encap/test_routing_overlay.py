@@ -11,10 +11,10 @@ from typing import Any
 
 from rich.console import Console
 
-from bgp_speaker.encap import IPIP_DEVICE, VXLAN_DEVICE, Encap, EncapPolicy, PoolEncap
-from bgp_speaker.routes import KernelRoute, NextHop
-from bgp_speaker.status import render_node_status
+from bgp_speaker.bgp.routes import KernelRoute, NextHop
+from bgp_speaker.overlay.encap import IPIP_DEVICE, VXLAN_DEVICE, Encap, EncapPolicy, PoolEncap
 from ipam_blocks.model import EncapMode
+from l3fabric.views.node_status import render_node_status
 from tests.fabric.test_graceful_restart import BLOCK_1, LEARNED, PEER, POOL, controller, feed
 
 

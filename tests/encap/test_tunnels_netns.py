@@ -1,5 +1,6 @@
 """Tunnel devices, VTEP entries and NAT rules against the real kernel, in namespaces of our
-own (bgp_speaker.tunnels, bgp_speaker.nat). IP-in-IP needs the `ipip` module, which this
+own (bgp_speaker.overlay.tunnels, bgp_speaker.overlay.nat).
+IP-in-IP needs the `ipip` module, which this
 machine's kernel lacks: here its refusal is checked; tests/kernel runs the real thing."""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from ipaddress import IPv4Address, IPv4Interface, ip_network
 
 import pytest
 
-from bgp_speaker.encap import (
+from bgp_speaker.bgp.routes import KernelRoute, NextHop
+from bgp_speaker.kernel.fib import Fib
+from bgp_speaker.overlay.encap import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
     Encap,
@@ -22,10 +25,8 @@ from bgp_speaker.encap import (
     PoolEncap,
     VxlanSettings,
 )
-from bgp_speaker.fib import Fib
-from bgp_speaker.nat import NatTable
-from bgp_speaker.routes import KernelRoute, NextHop
-from bgp_speaker.tunnels import EncapFib, Tunnels
+from bgp_speaker.overlay.nat import NatTable
+from bgp_speaker.overlay.tunnels import EncapFib, Tunnels
 from ipam_blocks.model import EncapMode
 
 pytestmark = [

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bgp_speaker.encap import IPIP_DEVICE, VXLAN_DEVICE
+from bgp_speaker.overlay.encap import IPIP_DEVICE, VXLAN_DEVICE
 from tests.encap.overlay_lab import (
     ADDRESS,
     CONVERGE,

@@ -8,7 +8,7 @@ test fails; processes a test starts itself (a restarted agent, a rogue BGP speak
 stopped by PID, never by name.
 
 `Fabric` is what the tests look at: per node the agent's `node status`, the kernel's routes
-of protocol 77 (`bgp_speaker.routes.PROTO_BGP`), and what they should be according to the
+of protocol 77 (`bgp_speaker.bgp.routes.PROTO_BGP`), and what they should be according to the
 store (every node's confirmed blocks: a route via that node's address, a blackhole for the
 node's own). Conditions are polled with deadlines; a timeout reports what was still wrong.
 """
@@ -31,16 +31,16 @@ from typing import Any
 import pytest
 import yaml
 
-from bgp_speaker.routes import PROTO_BGP
+from bgp_speaker.bgp.routes import PROTO_BGP
 from cni.protocol import call
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.model import AffinityState
 from ipam_blocks.store import open_store
 from ipam_blocks.store.base import Store
-from lab import host
-from lab.layout import LabPaths
-from lab.state import StateFile
+from l3fabric.lab import host
+from l3fabric.lab.layout import LabPaths
+from l3fabric.lab.state import StateFile
 from tests.lab.harness import REPO, Lab, in_netns, l3fabric
 
 MESH3 = REPO / "tests" / "topologies" / "mesh3.clab.yml"

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, ip_network
 from typing import Any
 
-from bgp_speaker.export import Exports
-from bgp_speaker.rib import ImportPolicy
-from bgp_speaker.routes import (
+from bgp_speaker.bgp.export import Exports
+from bgp_speaker.bgp.rib import ImportPolicy
+from bgp_speaker.bgp.routes import (
     EndOfRib,
     IPNet,
     KernelRoute,
@@ -28,7 +28,7 @@ from bgp_speaker.routes import (
     SessionState,
     SpeakerRestarted,
 )
-from bgp_speaker.routing import DesiredState, RoutingController
+from bgp_speaker.routing.controller import DesiredState, RoutingController
 
 ME, PEER = IPv4Address("10.0.0.11"), IPv4Address("10.0.0.12")
 POOL = ip_network("10.244.0.0/16")

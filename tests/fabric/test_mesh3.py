@@ -25,8 +25,8 @@ from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import NotFound
 from ipam_blocks.store.base import Resource
-from lab import host
-from lab.status import agent_answers
+from l3fabric.lab import host
+from l3fabric.lab.status import agent_answers
 from tests.fabric.harness import (
     ADDRESS,
     CONVERGE,

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bgp_speaker.encap import VXLAN_DEVICE
+from bgp_speaker.overlay.encap import VXLAN_DEVICE
 from ipam_blocks.store.base import Resource
-from lab import host
+from l3fabric.lab import host
 from tests.encap.overlay_lab import (
     ADDRESS,
     CONVERGE,

@@ -1,4 +1,4 @@
-"""Graceful-restart decisions (pure: bgp_speaker.graceful), and the controller acting on what
+"""Graceful-restart decisions (pure: bgp_speaker.bgp.graceful), and the controller acting on what
 a peer advertised in its OPEN (fake speaker and FIB; see tests/fabric for the real thing)."""
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from typing import Any
 import pytest
 from netaddr import IPNetwork
 
-from bgp_speaker import graceful
-from bgp_speaker.config import parse_bgp_config, parse_bgp_peer
-from bgp_speaker.exabgp_codec import Received, parse_line
-from bgp_speaker.exabgp_config import render_config
-from bgp_speaker.peers import desired_sessions
-from bgp_speaker.routes import (
+from bgp_speaker.bgp import graceful
+from bgp_speaker.bgp.config import parse_bgp_config, parse_bgp_peer
+from bgp_speaker.bgp.routes import (
     PeerAlive,
     PeerOpened,
     PeerStateChanged,
@@ -25,6 +22,9 @@ from bgp_speaker.routes import (
     SessionSpec,
     SessionState,
 )
+from bgp_speaker.bgp.sessions import desired_sessions
+from bgp_speaker.exabgp.codec import Received, parse_line
+from bgp_speaker.exabgp.config import render_config
 from ipam_blocks.errors import InvalidInput
 from ipam_blocks.model import Node
 from ipam_blocks.store.base import Resource

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from cni.protocol import call
-from lab import host
+from l3fabric.lab import host
 from tests.fabric.harness import Fabric, eventually
 from tests.lab.harness import Lab, in_netns
 from tests.lab.schema import TOPOLOGIES

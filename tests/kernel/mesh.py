@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
-from bgp_speaker.routes import (
+from bgp_speaker.bgp.routes import (
     EndOfRib,
     IPAddr,
     IPNet,

@@ -32,13 +32,13 @@ import pytest
 import yaml
 from netaddr import IPNetwork
 
-from bgp_speaker.encap import IPIP_DEVICE, ipip_tunnel_handle
-from bgp_speaker.fib import Fib
-from bgp_speaker.nat import NatTable
-from bgp_speaker.overlay import Overlay
-from bgp_speaker.routing import RoutingController
-from bgp_speaker.tunnels import EncapFib, Tunnels
-from cni import dataplane
+from bgp_speaker.kernel.fib import Fib
+from bgp_speaker.overlay.dataplane import Overlay
+from bgp_speaker.overlay.encap import IPIP_DEVICE, ipip_tunnel_handle
+from bgp_speaker.overlay.nat import NatTable
+from bgp_speaker.overlay.tunnels import EncapFib, Tunnels
+from bgp_speaker.pods import dataplane
+from bgp_speaker.routing.controller import RoutingController
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM, AssignRequest
 from ipam_blocks.errors import NotFound
@@ -53,8 +53,8 @@ from ipam_blocks.model import (
 )
 from ipam_blocks.pools import add_node, add_pool
 from ipam_blocks.store import open_store
-from lab.realise import bring_up, tear_down
-from lab.topology import parse_topology
+from l3fabric.lab.realise import bring_up, tear_down
+from l3fabric.lab.topology import parse_topology
 from tests.capture import capture
 from tests.kernel.mesh import Mesh
 

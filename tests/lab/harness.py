@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lab import host
+from l3fabric.lab import host
 from tests.lab.schema import schema_errors
 
 REPO = Path(__file__).resolve().parents[2]

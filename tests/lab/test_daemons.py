@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from lab import daemons
-from lab.daemons import (
+from l3fabric.lab import daemons
+from l3fabric.lab.daemons import (
     FRR_DEFAULT_DAEMONS,
     Readiness,
     frr_daemon_names,
     frr_load_argv,
     plan_daemons,
 )
-from lab.errors import LabError
-from lab.layout import LabPaths
-from lab.topology import Bind, LabNode, Role
+from l3fabric.lab.errors import LabError
+from l3fabric.lab.layout import LabPaths
+from l3fabric.lab.topology import Bind, LabNode, Role
 
 DIRS = LabPaths(Path("/run/lab/t")).node("n")
 

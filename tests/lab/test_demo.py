@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import demo, host
-from lab.demo import MESH3_CLAB_YML, PODS, REACHABLE, UNREACHABLE
+from l3fabric.lab import demo, host
+from l3fabric.lab.demo import MESH3_CLAB_YML, PODS, REACHABLE, UNREACHABLE
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "tests" / "topologies" / "mesh3.clab.yml"

@@ -18,8 +18,8 @@ from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.model import parse_node
 from ipam_blocks.store.sqlite import SqliteStore
-from lab import host
-from lab.state import LabState, PodRecord, ProcessRecord, StateFile
+from l3fabric.lab import host
+from l3fabric.lab.state import LabState, PodRecord, ProcessRecord, StateFile
 from tests.lab.harness import Lab, in_netns, pings, wait_for
 from tests.lab.schema import TOPOLOGIES
 

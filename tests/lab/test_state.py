@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import state as lab_state
-from lab.errors import LabAlreadyUp, LabError, LabNotUp
-from lab.state import LabState, PodRecord, ProcessRecord, StateFile, find_state_dir
+from l3fabric.lab import state as lab_state
+from l3fabric.lab.errors import LabAlreadyUp, LabError, LabNotUp
+from l3fabric.lab.state import LabState, PodRecord, ProcessRecord, StateFile, find_state_dir
 
 
 def sample(tmp: Path) -> LabState:

@@ -11,7 +11,14 @@ import yaml
 from netaddr import IPNetwork
 
 from ipam_blocks.errors import InvalidInput
-from lab.topology import Bind, Endpoint, FabricSettings, Role, parse_lab_name, parse_topology
+from l3fabric.lab.topology import (
+    Bind,
+    Endpoint,
+    FabricSettings,
+    Role,
+    parse_lab_name,
+    parse_topology,
+)
 from tests.lab.schema import TOPOLOGIES, schema_errors
 
 BASE = Path("/labs/here")

@@ -9,12 +9,11 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, ip_network
 from typing import Any
 
-from bgp_speaker import routing as routing_module
-from bgp_speaker.config import parse_bgp_config
-from bgp_speaker.export import Exports
-from bgp_speaker.peering import PeeringDesired, peer_policy
-from bgp_speaker.rib import ImportPolicy
-from bgp_speaker.routes import (
+from bgp_speaker.bgp.config import parse_bgp_config
+from bgp_speaker.bgp.export import Exports
+from bgp_speaker.bgp.peering import PeeringDesired, peer_policy
+from bgp_speaker.bgp.rib import ImportPolicy
+from bgp_speaker.bgp.routes import (
     EndOfRib,
     IPNet,
     KernelRoute,
@@ -27,7 +26,8 @@ from bgp_speaker.routes import (
     SessionSpec,
     SessionState,
 )
-from bgp_speaker.routing import DesiredState, RoutingController
+from bgp_speaker.routing import controller as routing_module
+from bgp_speaker.routing.controller import DesiredState, RoutingController
 from ipam_blocks.store.base import Resource
 
 ME = IPv4Address("10.0.0.1")
@@ -271,8 +271,8 @@ def test_a_node_that_stops_reflecting_withdraws_what_it_reflected():
 def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_path):
     from netaddr import IPNetwork
 
-    from bgp_speaker.peering import Peering, read_peering
-    from bgp_speaker.rib import Rib
+    from bgp_speaker.bgp.peering import Peering, read_peering
+    from bgp_speaker.bgp.rib import Rib
     from ipam_blocks.model import Node
 
     me = Node("n1", {}, IPNetwork("10.0.0.11/24"))

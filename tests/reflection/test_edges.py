@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from bgp_speaker.config import PasswordRef
-from bgp_speaker.exabgp_codec import Received, parse_line
-from bgp_speaker.passwords import PasswordUnavailable, resolve_password
-from bgp_speaker.routes import PeerOpened
+from bgp_speaker.bgp.config import PasswordRef
+from bgp_speaker.bgp.passwords import PasswordUnavailable, resolve_password
+from bgp_speaker.bgp.routes import PeerOpened
+from bgp_speaker.exabgp.codec import Received, parse_line
 
 # Captured from ExaBGP 5.0.15 (`receive { open; }`) with a BIRD 2 peer whose router id is not
 # its address.

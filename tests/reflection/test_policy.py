@@ -7,10 +7,10 @@ from ipaddress import IPv4Address, ip_network
 
 import pytest
 
-from bgp_speaker.config import parse_bgp_config
-from bgp_speaker.policy import AcceptRule, PeerPolicy, export_communities, parse_accept_rules
-from bgp_speaker.rib import ImportPolicy, Rib
-from bgp_speaker.routes import PathAttributes, PeerType, SessionSpec
+from bgp_speaker.bgp.config import parse_bgp_config
+from bgp_speaker.bgp.policy import AcceptRule, PeerPolicy, export_communities, parse_accept_rules
+from bgp_speaker.bgp.rib import ImportPolicy, Rib
+from bgp_speaker.bgp.routes import PathAttributes, PeerType, SessionSpec
 from ipam_blocks.errors import InvalidInput
 from ipam_blocks.store.base import Resource
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from ipaddress import IPv4Address, ip_network
 
-from bgp_speaker.reflector import AdjRibOut, Neighbour, Reflector, neighbours_from_sessions
-from bgp_speaker.rib import ImportPolicy, Rib
-from bgp_speaker.routes import PathAttributes, PeerType, SessionSpec
+from bgp_speaker.bgp.reflector import AdjRibOut, Neighbour, Reflector, neighbours_from_sessions
+from bgp_speaker.bgp.rib import ImportPolicy, Rib
+from bgp_speaker.bgp.routes import PathAttributes, PeerType, SessionSpec
 
 ME = IPv4Address("10.0.0.1")
 CLUSTER = IPv4Address("244.0.0.1")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ipam_blocks.store.base import Resource
-from lab.objects import parse_objects
+from l3fabric.lab.objects import parse_objects
 from tests.fabric.harness import RouteMonitor
 from tests.interop.harness import (
     CONVERGE,

@@ -7,11 +7,11 @@ from ipaddress import IPv4Address, ip_address, ip_network
 
 from netaddr import IPNetwork
 
-from bgp_speaker.config import BgpConfig, parse_bgp_peer
-from bgp_speaker.handover import SessionHandover
-from bgp_speaker.limits import PrefixLimits
-from bgp_speaker.peers import desired_sessions
-from bgp_speaker.routes import PeerType, SessionSpec
+from bgp_speaker.bgp.config import BgpConfig, parse_bgp_peer
+from bgp_speaker.bgp.handover import SessionHandover
+from bgp_speaker.bgp.limits import PrefixLimits
+from bgp_speaker.bgp.routes import PeerType, SessionSpec
+from bgp_speaker.bgp.sessions import desired_sessions
 from ipam_blocks.model import Node
 from ipam_blocks.store.base import Resource
 
@@ -197,9 +197,9 @@ def test_prefix_limits_trip_once_and_are_forgiven_when_the_peer_changes():
 
 
 def test_covered_counts_only_paths_from_sessions_that_stay():
-    from bgp_speaker.peering import Peering
-    from bgp_speaker.rib import ImportPolicy, Rib
-    from bgp_speaker.routes import PathAttributes
+    from bgp_speaker.bgp.peering import Peering
+    from bgp_speaker.bgp.rib import ImportPolicy, Rib
+    from bgp_speaker.bgp.routes import PathAttributes
 
     pool = ip_network("10.244.0.0/16")
     rib = Rib(ImportPolicy(((pool, 26),), frozenset(), IPv4Address(ME), 64512))

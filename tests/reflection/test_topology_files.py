@@ -1,6 +1,6 @@
 """The shipped reflector and peering topologies: their objects files parse with the agent's
 own parsers, everything they bind exists, BIRD and FRR accept their configs, and bad objects
-are refused naming the field (`lab.objects`)."""
+are refused naming the field (`l3fabric.lab.objects`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ipam_blocks.errors import InvalidInput
-from lab.objects import OBJECTS_PATH, objects_file, parse_objects
-from lab.topology import Bind, Role, parse_topology
+from l3fabric.lab.objects import OBJECTS_PATH, objects_file, parse_objects
+from l3fabric.lab.topology import Bind, Role, parse_topology
 from tests.lab.schema import TOPOLOGIES, schema_errors
 
 NEW = ("rr", "bird-rr", "rr-clients", "leaf-spine")
