@@ -125,10 +125,19 @@ def _register_lab(subparsers: argparse._SubParsersAction) -> None:
         "Creates no namespace and starts nothing: use it when real containerlab runs FILE.",
     )
     register.add_argument("file", type=Path, metavar="FILE", help="containerlab topology file")
-    register.add_argument("--pool-cidr", default=str(DEFAULT_POOL.cidr), metavar="CIDR",
-                          help=f"default pool CIDR (default: {DEFAULT_POOL.cidr})")
-    register.add_argument("--block-size", type=int, default=DEFAULT_POOL.block_size,
-                          metavar="N", help=f"(default: {DEFAULT_POOL.block_size})")
+    register.add_argument(
+        "--pool-cidr",
+        default=str(DEFAULT_POOL.cidr),
+        metavar="CIDR",
+        help=f"default pool CIDR (default: {DEFAULT_POOL.cidr})",
+    )
+    register.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_POOL.block_size,
+        metavar="N",
+        help=f"(default: {DEFAULT_POOL.block_size})",
+    )
     register.set_defaults(handler=_lab_register)
 
     pod = verb_group(lab, "pod", help="pods on lab nodes, attached through the real CNI path")
