@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import (
@@ -233,14 +232,15 @@ def _prefix(item: Any, version: int) -> IPNet:
     if version != 4:
         return IPv6Network(text)
     # Every received prefix passes here: from integers, IPv4Network skips its string parser
-    # (about half the cost). ExaBGP writes canonical dotted quads, which inet_aton reads as
-    # IPv4Network would; it also takes octal/hex octets, which ExaBGP never writes.
+    # (about half the cost). ExaBGP writes canonical dotted quads; bytes() refuses an octet
+    # outside 0-255.
     address, slash, length = text.partition("/")
+    octets = address.split(".")
+    if not slash or len(octets) != 4:
+        raise ValueError(f"{text!r} is not an IPv4 prefix")
     try:
-        if not slash or address.count(".") != 3:
-            raise OSError
-        return IPv4Network((int.from_bytes(socket.inet_aton(address), "big"), int(length)))
-    except OSError:
+        return IPv4Network((int.from_bytes(bytes(map(int, octets)), "big"), int(length)))
+    except ValueError:
         raise ValueError(f"{text!r} is not an IPv4 prefix") from None
 
 

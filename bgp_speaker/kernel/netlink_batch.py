@@ -21,7 +21,6 @@ type u16, payload; ``rtnexthop`` = len u16, flags u8, hops u8, ifindex s32, attr
 from __future__ import annotations
 
 import functools
-import socket
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,8 +47,8 @@ __all__ = [
     "parse_route",
 ]
 
-AF_INET = socket.AF_INET
-AF_INET6 = socket.AF_INET6
+# Linux's address families (linux/socket.h), fixed by the kernel ABI this module packs for.
+AF_UNSPEC, AF_INET, AF_INET6 = 0, 2, 10
 
 # netlink (linux/netlink.h)
 NLMSG_ERROR = 2
@@ -224,7 +223,7 @@ def pack_route_dump(seq: int, table: int, protocol: int = 0) -> bytes:
     rtm_table, table_attr = _table_fields(table)
     head = _HDR_RTMSG.pack(
         _HDR_RTMSG.size + len(table_attr), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
-        socket.AF_UNSPEC, 0, 0, 0, rtm_table, protocol, 0, 0, 0,
+        AF_UNSPEC, 0, 0, 0, rtm_table, protocol, 0, 0, 0,
     )  # fmt: skip
     return head + table_attr
 
@@ -232,7 +231,7 @@ def pack_route_dump(seq: int, table: int, protocol: int = 0) -> bytes:
 def pack_link_dump(seq: int) -> bytes:
     return _HDR_IFINFO.pack(
         _HDR_IFINFO.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
-        socket.AF_UNSPEC, 0, 0, 0, 0,
+        AF_UNSPEC, 0, 0, 0, 0,
     )  # fmt: skip
 
 
