@@ -1,9 +1,10 @@
 """The `l3fabric` console script: one argparse tree, verbs contributed by packages.
 
-Each package with verbs has a `cli` module with `register(subparsers)`; `VERB_MODULES` lists
-them, so a new package plugs in with one line here. Verbs that belong together live under a
-group (`pool`, `node`, `ipam`, ...) made with `verb_group`, which any package may extend:
-`verb_group(subparsers, "node").add_parser("status")` adds `node status` next to `node add`.
+Each verb module in `l3fabric.commands` has `register(subparsers)`; `VERB_MODULES` lists them,
+so a new one plugs in with one line here. Verbs that belong together live under a group
+(`pool`, `node`, `ipam`, ...) made with `l3fabric.console.verb_group`, which any module may
+extend: `verb_group(subparsers, "node").add_parser("status")` adds `node status` next to
+`node add`.
 
 A leaf verb sets `handler=fn` (`fn(args) -> exit code`). `--store` and `--log-level` are
 added to every verb after registration, so packages never declare them.
@@ -22,15 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from rich.console import Console
-
 from ipam_blocks.errors import InvalidInput, L3FabricError, StoreUnavailable
 from ipam_blocks.store import DEFAULT_STORE_URL, STORE_ENV
+from l3fabric.console import EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -42,10 +41,7 @@ VERB_MODULES = (
     "l3fabric.commands.lab",
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Piped output is read by scripts and tests: a wide fixed width keeps table rows unwrapped.
-PIPE_WIDTH = 200
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,25 +49,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_INVALID, f"error: {self.prog}: {message} (see --help)\n")
-
-
-def verb_group(
-    subparsers: argparse._SubParsersAction, name: str, help: str = ""
-) -> argparse._SubParsersAction:
-    """The sub-verb table of group `name`, created on first use so several packages can add
-    verbs to one group (`node add` from ipam_blocks, `node status` from the agent)."""
-    parser = subparsers.choices.get(name)
-    if parser is None:
-        parser = subparsers.add_parser(name, help=help, description=help)
-        parser.add_subparsers(dest=f"{name}_verb", metavar="VERB", required=True)
-    return _subparsers_of(parser)
-
-
-def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise ValueError(f"{parser.prog} is a verb, not a group")
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -135,12 +112,6 @@ def _setup_logging(level: str) -> None:
     if _log_handler not in root.handlers:
         root.addHandler(_log_handler)
     root.setLevel(level.upper())
-
-
-def make_console() -> Console:
-    """The console verbs print tables to. Markup is off: pod names are user data."""
-    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or PIPE_WIDTH)
-    return Console(width=width, markup=False, highlight=False, emoji=False)
 
 
 def _fail(message: str, code: int) -> int:

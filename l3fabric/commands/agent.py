@@ -10,7 +10,7 @@ from bgp_speaker.agent.main import DEFAULT_MTU, DEFAULT_STATE_DIR, AgentSettings
 from cni.protocol import DEFAULT_SOCKET, AgentUnreachable, call
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.store import default_store_url
-from l3fabric.cli import make_console, verb_group
+from l3fabric.console import make_console, verb_group
 from l3fabric.views.node_status import render_node_status
 
 

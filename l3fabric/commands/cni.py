@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cni.install import install
 from cni.protocol import DEFAULT_SOCKET
-from l3fabric.cli import EXIT_OK, verb_group
+from l3fabric.console import EXIT_OK, verb_group
 
 DEFAULT_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"

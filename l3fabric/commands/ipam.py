@@ -48,7 +48,7 @@ from ipam_blocks.model import (
 from ipam_blocks.retry import retry_conflicts
 from ipam_blocks.selector import parse_labels, parse_selector_text
 from ipam_blocks.store import Resource, open_store
-from l3fabric.cli import EXIT_FAILED, EXIT_OK, make_console, verb_group
+from l3fabric.console import EXIT_FAILED, EXIT_OK, make_console, verb_group
 
 DEFAULT_GC_GRACE = 900.0
 DEFAULT_GC_INTERVAL = 60.0

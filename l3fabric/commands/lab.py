@@ -24,7 +24,7 @@ from rich.table import Table
 
 from ipam_blocks.errors import InvalidInput, L3FabricError
 from ipam_blocks.model import IPPool
-from l3fabric.cli import EXIT_FAILED, EXIT_OK, make_console, verb_group
+from l3fabric.console import EXIT_FAILED, EXIT_OK, make_console, verb_group
 from l3fabric.lab.errors import LabAlreadyUp
 from l3fabric.lab.realise import DEFAULT_POOL
 from l3fabric.lab.state import DEFAULT_STATE_ROOT, StateFile, default_state_dir, find_state_dir

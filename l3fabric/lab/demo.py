@@ -58,7 +58,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ipam_blocks.errors import L3FabricError
-from l3fabric.cli import EXIT_FAILED, EXIT_INVALID, EXIT_OK, make_console
+from l3fabric.console import EXIT_FAILED, EXIT_INVALID, EXIT_OK, make_console
 
 EXIT_INTERRUPTED = 130  # what `l3fabric.cli.main` returns on Ctrl-C
 

@@ -22,7 +22,8 @@ from netaddr import IPAddress, IPNetwork
 from ipam_blocks.store import ALL_KINDS
 from ipam_blocks.store.sqlite import SqliteStore
 from l3fabric import cli as l3fabric_cli
-from l3fabric.cli import main, verb_group
+from l3fabric.cli import main
+from l3fabric.console import verb_group
 
 POOL = IPNetwork("10.244.0.0/16")
 
