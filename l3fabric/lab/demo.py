@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -360,12 +360,12 @@ def _remote_blocks(demo: _Demo) -> dict[str, set[IPv4Network]]:
     nodes = list(PODS)
     return {
         node: {
-            ip_network(str(b.cidr))
+            IPv4Network(str(b.cidr))
             for b in blocks
             if b.affinity and b.affinity != node and b.cidr.version == 4
         }
         for node in nodes
-    }  # type: ignore[misc]
+    }
 
 
 def _look(demo: _Demo, remote: dict[str, set[IPv4Network]]) -> _Convergence:
@@ -403,7 +403,8 @@ def _node_status(demo: _Demo, node: str) -> dict[str, Any] | None:
 
     socket = LabPaths(demo.state_dir).node(node).agent_socket
     try:
-        return call(str(socket), "node.status", {}, timeout=5)  # type: ignore[no-any-return]
+        status: dict[str, Any] = call(str(socket), "node.status", {}, timeout=5)
+        return status
     except (AgentUnreachable, CniError):
         return None
 

@@ -207,7 +207,8 @@ def _parse_node(name: str, raw: Any, levels: _Levels, base_dir: Path) -> LabNode
     _check_chars(name, where)
     own = _mapping(raw, where)
     group_name = own.get("group") or levels.defaults.get("group")
-    group = _mapping(levels.groups.get(group_name), f"topology.groups.{group_name}")
+    group_raw = levels.groups.get(group_name) if group_name is not None else None
+    group = _mapping(group_raw, f"topology.groups.{group_name}")
     kind = own.get("kind") or group.get("kind") or levels.defaults.get("kind")
     if not kind:
         raise InvalidInput(f"{where}.kind", "no kind (set it on the node, its group or defaults)")
