@@ -133,7 +133,7 @@ def export_communities(prefixes: Iterable[IPNet], cfg: BgpConfig) -> dict[IPNet,
                 extra={"op": "policy", "reason": f"{where}.cidr: {adv.cidr!r} not a CIDR"},
             )
             continue
-        values = set()
+        values: set[str] = set()
         for j, entry in enumerate(adv.communities):
             value = named.get(entry, entry)
             if not _standard_community(value):
@@ -149,9 +149,9 @@ def export_communities(prefixes: Iterable[IPNet], cfg: BgpConfig) -> dict[IPNet,
     out: dict[IPNet, tuple[str, ...]] = {}
     for prefix in prefixes:
         found: set[str] = set()
-        for cidr, values in rules:
+        for cidr, communities in rules:
             if within(prefix, cidr):
-                found |= values
+                found |= communities
         out[prefix] = tuple(sorted(found, key=_community_key))
     return out
 

@@ -106,12 +106,12 @@ class Rib:
 
     def set_sessions(self, sessions: Iterable[SessionSpec]) -> set[IPNet]:
         """Forget peers that are no longer wanted; returns prefixes that may have changed."""
-        sessions = {s.peer_ip: s for s in sessions}
-        changed = {p for p in self._by_peer if self._sessions.get(p) != sessions.get(p)}
-        self._sessions = sessions
+        wanted = {s.peer_ip: s for s in sessions}
+        changed = {p for p in self._by_peer if self._sessions.get(p) != wanted.get(p)}
+        self._sessions = wanted
         affected: set[IPNet] = set()
         for peer in changed:
-            if peer in sessions:
+            if peer in wanted:
                 affected |= self._rejudge(self._by_peer[peer], {peer})
             else:
                 affected |= self.drop_peer(peer)
