@@ -21,6 +21,7 @@ from cni.errors import INTERNAL_ERROR, INVALID_CONFIG, UNDECODABLE_CONFIG, CniEr
 
 TYPE_CHECKING = False  # `typing` costs ~9 ms of start-up: imported for type checkers only
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 DEFAULT_SOCKET = "/var/run/l3fabric/agent.sock"
@@ -40,17 +41,27 @@ class _ScanContext:
     object_pairs_hook = None
     parse_float = float
     parse_int = int
-    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
-    parse_constant = staticmethod(parse_constant.__getitem__)  # type: ignore[assignment]
+    parse_constant = staticmethod(
+        {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
+    )
     memo: dict[str, Any] = {}
 
 
+def _not_serializable(obj: object) -> Any:
+    """The fast encoder's `default`: give up, so `json.dumps` names the offending value."""
+    raise TypeError(type(obj).__name__)
+
+
+_scan: Callable[[str, int], tuple[Any, int]] | None
+_encode: Callable[[object, int], Any] | None
 try:
     import _json
 
-    _scan = _json.make_scanner(_ScanContext)
+    # typeshed types the context as a make_scanner; the scanner only reads the attributes
+    # above from it (see the TODO in typeshed's _json.pyi).
+    _scan = _json.make_scanner(_ScanContext)  # type: ignore[arg-type]
     _encode = _json.make_encoder(
-        None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+        None, _not_serializable, _json.encode_basestring_ascii, None, ":", ",", False, False, True
     )
 except (ImportError, AttributeError, TypeError):  # another interpreter: plain json it is
     _scan = _encode = None

@@ -30,7 +30,7 @@ def new_block(cidr: IPNetwork, node: str | None) -> Block:
 def ordinal_of(block: Block, ip: IPAddress) -> int:
     if ip not in block.cidr:
         raise InvalidInput("ip", f"{ip} is not in block {block.cidr}")
-    return int(ip) - block.cidr.first
+    return int(ip) - int(block.cidr.first)
 
 
 def ip_at(block: Block, ordinal: int) -> IPAddress:
@@ -82,8 +82,9 @@ def assign(block: Block, count: int, attr: Attribute) -> tuple[Block, list[IPAdd
 def assign_ip(block: Block, ip: IPAddress, attr: Attribute) -> Block:
     """Allocate one specific address."""
     ordinal = ordinal_of(block, ip)
-    if block.allocations[ordinal] is not None:
-        holder = block.attributes[block.allocations[ordinal]].handle_id
+    current = block.allocations[ordinal]
+    if current is not None:
+        holder = block.attributes[current].handle_id
         raise InUse(f"{ip} is already allocated (handle {holder})")
     attributes = list(block.attributes)
     index = _attribute_index(attributes, attr)

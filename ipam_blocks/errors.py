@@ -6,6 +6,7 @@ L3FabricError
 │   ├── NotFound
 │   ├── AlreadyExists
 │   ├── Conflict          stale revision: re-read, re-apply, retry
+│   ├── SecretUnreadable  a Secret the caller needs cannot be read (yet)
 │   └── StoreUnavailable  transient: retry with backoff, then give up (CNI code 11)
 └── IPAMError             IPAM cannot satisfy the request
     ├── PoolExhausted     no free address in any usable pool
@@ -55,6 +56,16 @@ class Conflict(StoreError):
         super().__init__(f"{kind} {name!r} was modified concurrently (stale revision)")
         self.kind = kind
         self.name = name
+
+
+class SecretUnreadable(StoreError):
+    """Reading Secret `namespace`/`name` failed; `reason` says why in the backend's words."""
+
+    def __init__(self, namespace: str, name: str, reason: str) -> None:
+        super().__init__(f"Secret {namespace}/{name} not readable ({reason})")
+        self.namespace = namespace
+        self.name = name
+        self.reason = reason
 
 
 class StoreUnavailable(StoreError):

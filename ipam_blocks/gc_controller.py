@@ -19,24 +19,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import InvalidInput, L3FabricError
 from ipam_blocks.gc import GCResult, collect_garbage
-from ipam_blocks.leader import LeaderElector, LeaseClient, LeaseSettings
+from ipam_blocks.leader import LeaderElector, LeaseSettings
 from ipam_blocks.liveness import OwnerLiveness
 
 log = logging.getLogger("l3fabric.gc")
 
 DEFAULT_INTERVAL = 60.0
+DEFAULT_GRACE = 900.0
 
 
 @dataclass(frozen=True)
 class GCLoopSettings:
     interval: float = DEFAULT_INTERVAL
     """Seconds between the starts of two passes."""
-    grace: float = 900.0
+    grace: float = DEFAULT_GRACE
     """A leak must be this many seconds old before it is released (see `gc`)."""
     lease: LeaseSettings | None = None
     """Compete for this Lease and collect only while leading; None: always collect."""
@@ -84,24 +84,22 @@ def run_passes(
 
 def run_controller(
     ipam: IPAM,
-    liveness: OwnerLiveness,
     settings: GCLoopSettings,
     *,
-    api_client: Any = None,
     report: Callable[[GCResult], None] = lambda result: None,
 ) -> int:
     """The `--continuous` entry point: passes until SIGTERM/SIGINT, then release the Lease.
-    `api_client` (a `kubernetes.client.ApiClient`) is required when `settings.lease` is set."""
+    Owner liveness and the Lease come from the store; only a cluster's store has Leases."""
     stop = threading.Event()
     elector = None
     if settings.lease is not None:
-        if api_client is None:
-            raise InvalidInput("lease-namespace", "leader election needs the kube store")
         lease = settings.lease
-        elector = LeaderElector(
-            LeaseClient(api_client, lease.namespace, lease.name),
-            lease,
-        ).start()
+        client = ipam.store.lease(lease.namespace, lease.name)
+        if client is None:
+            raise InvalidInput(
+                "lease-namespace", "leader election needs the kube store (--store kube)"
+            )
+        elector = LeaderElector(client, lease).start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -109,7 +107,9 @@ def run_controller(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info("gc controller started", extra={"op": "gc", "interval": settings.interval})
     try:
-        return run_passes(ipam, liveness, settings, stop, elector=elector, report=report)
+        return run_passes(
+            ipam, ipam.store.owner_liveness(), settings, stop, elector=elector, report=report
+        )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -118,4 +118,4 @@ def run_controller(
         log.info("gc controller stopped", extra={"op": "gc"})
 
 
-__all__ = ["DEFAULT_INTERVAL", "GCLoopSettings", "run_controller", "run_passes"]
+__all__ = ["DEFAULT_GRACE", "DEFAULT_INTERVAL", "GCLoopSettings", "run_controller", "run_passes"]

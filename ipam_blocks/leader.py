@@ -19,34 +19,25 @@ Leadership is an efficiency measure for IPAM GC, not what keeps it correct: ever
 itself a CAS at the revision it read, so two collectors briefly overlapping (a leader that has
 not yet noticed it lost the Lease) cannot free an address twice or free a reused one.
 
-Layers: `decide` is pure (records in, record to write out); `LeaseClient` is the adapter (the
-only code here that talks to the API); `LeaderElector` runs the loop in a thread.
+Layers: `decide` is pure (records in, record to write out); a `LeaseClient` (`lease`; the
+Kubernetes store backend's, from `Store.lease`) reads and writes the Lease; `LeaderElector`
+runs the loop in a thread.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
-
-import urllib3
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from ipam_blocks.errors import Conflict, InvalidInput, L3FabricError, StoreUnavailable
+from ipam_blocks.lease import LeaseClient, LeaseRecord
 from ipam_blocks.model import check_object_name
 
 log = logging.getLogger("l3fabric.leader")
-
-_LEASE_GROUP, _LEASE_VERSION = "coordination.k8s.io", "v1"
-LEASE_API_VERSION = f"{_LEASE_GROUP}/{_LEASE_VERSION}"
-MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
-_REQUEST_TIMEOUT = (5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -80,17 +71,6 @@ class LeaseSettings:
 
 
 @dataclass(frozen=True)
-class LeaseRecord:
-    """The Lease's spec, parsed."""
-
-    holder: str = ""
-    duration: int = 0
-    acquire_time: datetime | None = None
-    renew_time: datetime | None = None
-    transitions: int = 0
-
-
-@dataclass(frozen=True)
 class Observed:
     """A Lease as read: its record, its resourceVersion, and when (this contender's monotonic
     clock) that resourceVersion was first seen."""
@@ -114,105 +94,6 @@ def decide(
     if current.holder and not expired:
         return None
     return LeaseRecord(identity, duration, wall, wall, current.transitions + 1)
-
-
-def parse_lease(raw: dict[str, Any]) -> LeaseRecord:
-    spec = raw.get("spec") or {}
-    return LeaseRecord(
-        holder=spec.get("holderIdentity") or "",
-        duration=int(spec.get("leaseDurationSeconds") or 0),
-        acquire_time=_parse_time(spec.get("acquireTime")),
-        renew_time=_parse_time(spec.get("renewTime")),
-        transitions=int(spec.get("leaseTransitions") or 0),
-    )
-
-
-def render_lease(name: str, record: LeaseRecord, revision: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if revision is not None:
-        meta["resourceVersion"] = revision
-    spec: dict[str, Any] = {
-        "holderIdentity": record.holder,
-        "leaseDurationSeconds": record.duration,
-        "leaseTransitions": record.transitions,
-    }
-    if record.acquire_time is not None:
-        spec["acquireTime"] = record.acquire_time.strftime(MICRO_TIME)
-    if record.renew_time is not None:
-        spec["renewTime"] = record.renew_time.strftime(MICRO_TIME)
-    return {"apiVersion": LEASE_API_VERSION, "kind": "Lease", "metadata": meta, "spec": spec}
-
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    for fmt in (MICRO_TIME, "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
-
-
-class LeaseClient:
-    """Get, create and compare-and-swap replace one Lease (the adapter).
-
-    Requests go through the client's generic object calls with raw JSON bodies: the typed
-    `CoordinationV1Api` turns the body into a model first, which re-renders the timestamps
-    (dropping the fraction when it is zero, which the API server's MicroTime refuses)."""
-
-    def __init__(self, api_client: client.ApiClient, namespace: str, name: str) -> None:
-        self._api = client.CustomObjectsApi(api_client)
-        self._where = (_LEASE_GROUP, _LEASE_VERSION, namespace, "leases")
-        self.namespace = namespace
-        self.name = name
-
-    def get(self) -> tuple[LeaseRecord, str] | None:
-        """(record, resourceVersion), or None when there is no such Lease."""
-        try:
-            raw = self._call(self._api.get_namespaced_custom_object, *self._where, self.name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise self._error(e) from e
-        return parse_lease(raw), raw["metadata"]["resourceVersion"]
-
-    def create(self, record: LeaseRecord) -> str:
-        """The new resourceVersion; `Conflict` when the Lease exists already."""
-        body = render_lease(self.name, record, None)
-        return self._write(self._api.create_namespaced_custom_object, *self._where, body)
-
-    def replace(self, record: LeaseRecord, revision: str) -> str:
-        """The new resourceVersion; `Conflict` unless the Lease is still at `revision`."""
-        body = render_lease(self.name, record, revision)
-        return self._write(
-            self._api.replace_namespaced_custom_object, *self._where, self.name, body
-        )
-
-    def _write(self, func: Callable[..., Any], *args: Any) -> str:
-        try:
-            raw = self._call(func, *args)
-        except ApiException as e:
-            raise self._error(e) from e
-        return raw["metadata"]["resourceVersion"]
-
-    def _call(self, func: Callable[..., Any], *args: Any) -> dict[str, Any]:
-        try:
-            response = func(*args, _preload_content=False, _request_timeout=_REQUEST_TIMEOUT)
-        except urllib3.exceptions.HTTPError as e:
-            raise StoreUnavailable(f"Kubernetes API unreachable: {e}") from e
-        try:
-            data = response.data
-        finally:
-            response.release_conn()
-        return json.loads(data) if data else {}
-
-    def _error(self, e: ApiException) -> L3FabricError:
-        if e.status == 409:
-            return Conflict("Lease", f"{self.namespace}/{self.name}")
-        return StoreUnavailable(
-            f"Lease {self.namespace}/{self.name}: API answered {e.status} {e.reason}"
-        )
 
 
 class LeaderElector:
@@ -324,14 +205,4 @@ class LeaderElector:
             self._stop.wait(self.settings.retry_period)
 
 
-__all__ = [
-    "LEASE_API_VERSION",
-    "LeaderElector",
-    "LeaseClient",
-    "LeaseRecord",
-    "LeaseSettings",
-    "Observed",
-    "decide",
-    "parse_lease",
-    "render_lease",
-]
+__all__ = ["LeaderElector", "LeaseSettings", "Observed", "decide"]

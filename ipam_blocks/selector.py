@@ -132,12 +132,7 @@ def parse_selector_dict(
         where = f"{field_name}.matchExpressions[{i}]"
         if not isinstance(expr, Mapping):
             raise InvalidInput(where, "must be an object")
-        try:
-            op = Operator(expr.get("operator"))
-        except ValueError:
-            raise InvalidInput(
-                f"{where}.operator", f"must be one of {[str(o) for o in Operator]}"
-            ) from None
+        op = _parse_operator(expr.get("operator"), f"{where}.operator")
         values = tuple(_check_value(v, f"{where}.values") for v in expr.get("values") or ())
         if op in (Operator.IN, Operator.NOT_IN) and not values:
             raise InvalidInput(f"{where}.values", f"required for operator {op}")
@@ -149,8 +144,17 @@ def parse_selector_dict(
     return LabelSelector(labels, tuple(requirements))
 
 
+def _parse_operator(value: object, field_name: str) -> Operator:
+    for op in Operator:
+        if value == op.value:
+            return op
+    raise InvalidInput(field_name, f"must be one of {[str(o) for o in Operator]}")
+
+
 def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1

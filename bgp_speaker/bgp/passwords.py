@@ -1,8 +1,8 @@
 """BGP (TCP MD5) passwords of BGPPeers: a key of a Kubernetes Secret, or a file.
 
 - `password.secretKeyRef {name, key}`: the Secret lives in the agent's own namespace
-  (`POD_NAMESPACE`, set by the chart; else the service account's namespace file). Only the
-  Kubernetes store can read Secrets; the embedded store has none.
+  (`POD_NAMESPACE`, set by the chart; else the service account's namespace file), read
+  through the store's `SecretReader`; the embedded store has no Secrets.
 - `password.file`: a file on the node (embedded mode, labs, tests); one trailing newline is
   ignored, so `echo secret > file` works.
 
@@ -13,13 +13,12 @@ peer, or worse, come up unauthenticated against a peer that has none.
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
-from typing import Any
 
 from bgp_speaker.bgp.config import PasswordRef
-from ipam_blocks.errors import L3FabricError
+from ipam_blocks.errors import L3FabricError, SecretUnreadable
+from ipam_blocks.store.base import Store
 
 __all__ = ["PasswordUnavailable", "resolve_password"]
 
@@ -43,8 +42,8 @@ def _namespace() -> str:
         ) from None
 
 
-def resolve_password(ref: PasswordRef, store: Any, where: str) -> str:
-    """The password `ref` names. `store` is the agent's store (a KubeStore reads Secrets)."""
+def resolve_password(ref: PasswordRef, store: Store, where: str) -> str:
+    """The password `ref` names. `store` is the agent's store (Secrets come from it)."""
     if ref.file:
         try:
             text = Path(ref.file).read_text()
@@ -54,28 +53,7 @@ def resolve_password(ref: PasswordRef, store: Any, where: str) -> str:
             ) from None
         password = text.removesuffix("\n")
     elif ref.secret_name and ref.secret_key:
-        core = getattr(store, "core", None)
-        if core is None:
-            raise PasswordUnavailable(
-                f"{where}.password.secretKeyRef: the embedded store has no Secrets "
-                "(use password.file)"
-            )
-        namespace = _namespace()
-        try:
-            secret = core.read_namespaced_secret(ref.secret_name, namespace)
-        except Exception as err:  # ApiException, connection errors: all mean "not now"
-            status = getattr(err, "status", None)
-            raise PasswordUnavailable(
-                f"{where}.password.secretKeyRef: Secret {namespace}/{ref.secret_name} "
-                f"not readable ({status or type(err).__name__})"
-            ) from None
-        data = (secret.data or {}).get(ref.secret_key)
-        if data is None:
-            raise PasswordUnavailable(
-                f"{where}.password.secretKeyRef: Secret {namespace}/{ref.secret_name} "
-                f"has no key {ref.secret_key!r}"
-            )
-        password = base64.b64decode(data).decode()
+        password = _from_secret(ref.secret_name, ref.secret_key, store, where)
     else:
         raise PasswordUnavailable(f"{where}.password: set secretKeyRef or file")
     if not password:
@@ -83,3 +61,22 @@ def resolve_password(ref: PasswordRef, store: Any, where: str) -> str:
     if len(password.encode()) > MAX_BYTES:
         raise PasswordUnavailable(f"{where}.password: longer than {MAX_BYTES} bytes")
     return password
+
+
+def _from_secret(name: str, key: str, store: Store, where: str) -> str:
+    secrets = store.secrets()
+    if secrets is None:
+        raise PasswordUnavailable(
+            f"{where}.password.secretKeyRef: the embedded store has no Secrets (use password.file)"
+        )
+    namespace = _namespace()
+    try:
+        data = secrets.read_secret(namespace, name)
+    except SecretUnreadable as err:
+        raise PasswordUnavailable(f"{where}.password.secretKeyRef: {err}") from None
+    value = data.get(key)
+    if value is None:
+        raise PasswordUnavailable(
+            f"{where}.password.secretKeyRef: Secret {namespace}/{name} has no key {key!r}"
+        )
+    return value.decode()

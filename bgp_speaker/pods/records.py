@@ -2,10 +2,10 @@
 
 One record per CNI attachment, named by its IPAM handle. It is what lets DEL, CHECK and GC
 work after an agent restart, and in embedded mode it is also the liveness source IPAM GC
-reads (`ipam_blocks.liveness.WorkloadRecordLiveness`): the agent writes a record before it
-allocates and removes it only after releasing, so GC never sees an allocation without an
-owner. With the Kubernetes store the Pod API is the liveness source and the records live in
-a node-local SQLite file instead (`open_records_store`).
+reads (`ipam_blocks.store.workloads.WorkloadRecordLiveness`): the agent writes a record
+before it allocates and removes it only after releasing, so GC never sees an allocation
+without an owner. With the Kubernetes store the Pod API is the liveness source and the
+records live in a node-local SQLite file instead (`open_records_store`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RECORDS_FILE = "workloads.db"
 
 def open_records_store(ipam_store: Store, state_dir: Path) -> Store:
     """Embedded mode: the IPAM store itself (GC reads the records there); else node-local."""
-    if isinstance(ipam_store, SqliteStore):
+    if ipam_store.holds_workloads:
         return ipam_store
     return SqliteStore(state_dir / RECORDS_FILE)
 

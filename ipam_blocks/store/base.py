@@ -8,6 +8,11 @@ Optimistic concurrency: every stored object carries an opaque `revision`.
 - `list` returns the items and the store revision they were read at; `watch(kind, since)`
   yields every change after that revision, so list-then-watch misses nothing.
 - A backend that cannot be reached raises `StoreUnavailable`.
+
+Beyond the stored kinds a backend answers what differs between embedded mode and a cluster, so
+callers ask the store instead of testing which backend it is: whether it holds the Workload
+records, where GC learns which owners are alive, and the cluster's Secrets and Leases (None
+where there are none).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ipam_blocks.lease import LeaseClient
+from ipam_blocks.liveness import OwnerLiveness
 from ipam_blocks.selector import EVERYTHING, LabelSelector
 
 # Kinds stored as l3fabric.io/v1 custom resources (plural = URL segment, also the CRD name).
@@ -69,6 +76,12 @@ class WatchEvent:
     resource: Resource
 
 
+class SecretReader(Protocol):
+    def read_secret(self, namespace: str, name: str) -> Mapping[str, bytes]:
+        """The Secret's data, decoded; `SecretUnreadable` when it cannot be read."""
+        ...
+
+
 class Store(Protocol):
     """Backend-neutral datastore with compare-and-swap writes."""
 
@@ -87,3 +100,21 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    @property
+    def holds_workloads(self) -> bool:
+        """True when Workload records are stored here (embedded mode); a cluster's store has
+        none, its pods are the workloads."""
+        ...
+
+    def owner_liveness(self) -> OwnerLiveness:
+        """Which owners of allocations are alive: the Pod API, or the Workload records."""
+        ...
+
+    def secrets(self) -> SecretReader | None:
+        """The cluster's Secrets; None in embedded mode."""
+        ...
+
+    def lease(self, namespace: str, name: str) -> LeaseClient | None:
+        """Lease `namespace`/`name`, for leader election; None in embedded mode."""
+        ...

@@ -28,6 +28,7 @@ from ipam_blocks.errors import (
 )
 from ipam_blocks.selector import EVERYTHING, LabelSelector
 from ipam_blocks.store.base import ALL_KINDS, EventType, Listing, Resource, WatchEvent
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -62,6 +63,9 @@ def _decode(kind: str, name: str, revision: int, body: str) -> Resource:
 
 
 class SqliteStore:
+    # Embedded mode has no Pod API: the agent's Workload records, kept here, are the owners.
+    holds_workloads = True
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
@@ -245,3 +249,14 @@ class SqliteStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+    # -- what a cluster would offer beyond the stored kinds --------------------------------------
+
+    def owner_liveness(self) -> WorkloadRecordLiveness:
+        return WorkloadRecordLiveness(self)
+
+    def secrets(self) -> None:
+        return None
+
+    def lease(self, namespace: str, name: str) -> None:
+        return None

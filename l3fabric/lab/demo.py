@@ -459,10 +459,9 @@ def _show_status(demo: _Demo) -> bool:
     check came out clean."""
     from ipam_blocks.allocator import IPAM
     from ipam_blocks.check import check
-    from ipam_blocks.liveness import liveness_for
     from ipam_blocks.store import open_store
-    from l3fabric.commands.ipam import render_block_usage, render_check_report, render_pool_usage
     from l3fabric.lab.layout import LabPaths
+    from l3fabric.views.ipam import render_block_usage, render_check_report, render_pool_usage
     from l3fabric.views.node_status import render_node_status
 
     paths = LabPaths(demo.state_dir)
@@ -476,7 +475,7 @@ def _show_status(demo: _Demo) -> bool:
     try:
         ipam = IPAM(store)
         pools, blocks = ipam.pools(), ipam.blocks()
-        report = check(ipam, liveness_for(store))
+        report = check(ipam, store.owner_liveness())
     finally:
         store.close()
     console.print(render_pool_usage(pools, blocks))

@@ -17,7 +17,7 @@ def test_embedded_mode_keeps_records_in_the_ipam_store(tmp_path: Path) -> None:
 
 def test_other_stores_get_a_node_local_file(tmp_path: Path) -> None:
     class ClusterStore:  # stands in for the Kubernetes store: the Pod API is liveness there
-        pass
+        holds_workloads = False
 
     local = open_records_store(ClusterStore(), tmp_path / "state")  # type: ignore[arg-type]
     assert isinstance(local, SqliteStore) and local.path == tmp_path / "state" / RECORDS_FILE

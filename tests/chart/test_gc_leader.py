@@ -18,17 +18,11 @@ import pytest
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import Conflict, InvalidInput, StoreUnavailable
 from ipam_blocks.gc_controller import GCLoopSettings, run_passes
-from ipam_blocks.leader import (
-    LeaderElector,
-    LeaseClient,
-    LeaseRecord,
-    LeaseSettings,
-    Observed,
-    decide,
-)
-from ipam_blocks.liveness import WorkloadRecordLiveness
+from ipam_blocks.leader import LeaderElector, LeaseSettings, Observed, decide
+from ipam_blocks.lease import LeaseRecord
 from ipam_blocks.store.kube import KubeStore
 from ipam_blocks.store.sqlite import SqliteStore
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 from l3fabric.cli import main as cli_main
 from tests.kube_api_double import KubeApiDouble
 
@@ -61,7 +55,7 @@ def store(api: KubeApiDouble) -> Iterator[KubeStore]:
 def contender(store: KubeStore, identity: str, clock: Clock) -> LeaderElector:
     settings = LeaseSettings(NS, LEASE, identity)
     return LeaderElector(
-        LeaseClient(store.api_client, NS, LEASE),
+        store.lease(NS, LEASE),
         settings,
         clock=clock,
         wall=lambda: WALL + timedelta(seconds=clock.now),
@@ -142,7 +136,7 @@ def test_a_released_lease_is_taken_at_once(api, store):
 def test_writes_are_compare_and_swap(api, store):
     clock = Clock()
     a, b = contender(store, "gc-a", clock), contender(store, "gc-b", clock)
-    client = LeaseClient(store.api_client, NS, LEASE)
+    client = store.lease(NS, LEASE)
     # Both read "no Lease"; b creates it first; a's create must lose.
     assert client.get() is None
     assert b.try_acquire_or_renew()
@@ -171,7 +165,7 @@ def test_leader_steps_down_when_it_cannot_renew_within_the_deadline(api, store):
 
 
 def test_lease_client_reports_an_unreachable_api(api, store):
-    client = LeaseClient(store.api_client, NS, LEASE)
+    client = store.lease(NS, LEASE)
     api.stop()
     with pytest.raises(StoreUnavailable):
         client.get()
@@ -179,7 +173,7 @@ def test_lease_client_reports_an_unreachable_api(api, store):
 
 def test_elector_thread_acquires_and_releases_on_stop(api, store):
     settings = LeaseSettings(NS, LEASE, "gc-a", 3.0, 2.0, 0.1)
-    elector = LeaderElector(LeaseClient(store.api_client, NS, LEASE), settings).start()
+    elector = LeaderElector(store.lease(NS, LEASE), settings).start()
     assert elector.leading.wait(5)
     elector.stop()
     assert lease_spec(api)["holderIdentity"] == ""

@@ -36,10 +36,10 @@ from ipam_blocks import retry
 from ipam_blocks.allocator import CLAIMED_AT_ANNOTATION, IPAM, NODE_LABEL, AssignRequest
 from ipam_blocks.gc import SUSPECT_ANNOTATION
 from ipam_blocks.gc_controller import GCLoopSettings, run_passes
-from ipam_blocks.leader import LeaderElector, LeaseClient, LeaseSettings
+from ipam_blocks.leader import LeaderElector, LeaseSettings
 from ipam_blocks.model import AffinityState, affinity_name, handle_name
 from ipam_blocks.store.base import CRD_PLURALS, Resource
-from ipam_blocks.store.kube import KubePodLiveness, KubeStore
+from ipam_blocks.store.kube import KubeStore
 from l3fabric.cli import main as cli_main
 from tests.chart.conftest import NAMESPACE, TOR_PEERS, render_objects
 from tests.kube_api_double import KubeApiDouble, RecordedRequest
@@ -400,7 +400,7 @@ def run_gc_scenario(api: KubeApiDouble, admin: KubeStore) -> tuple[list[Call], A
     results = []
     try:
         lease = LeaseSettings(NAMESPACE, "l3fabric-ipam-gc", "gc-0")
-        elector = LeaderElector(LeaseClient(store.api_client, NAMESPACE, lease.name), lease)
+        elector = LeaderElector(store.lease(NAMESPACE, lease.name), lease)
         assert elector.try_acquire_or_renew()  # get (none yet), create
         stop = __import__("threading").Event()
 
@@ -409,7 +409,7 @@ def run_gc_scenario(api: KubeApiDouble, admin: KubeStore) -> tuple[list[Call], A
             stop.set()
 
         passes = run_passes(
-            IPAM(store), KubePodLiveness(store), GCLoopSettings(60, 900, lease), stop,
+            IPAM(store), store.owner_liveness(), GCLoopSettings(60, 900, lease), stop,
             elector=elector, report=report,
         )  # fmt: skip
         assert passes == 1

@@ -19,7 +19,6 @@ from ipam_blocks.allocator import IPAM, AssignRequest
 from ipam_blocks.check import check
 from ipam_blocks.errors import InUse, InvalidInput, NoUsablePool, PoolExhausted
 from ipam_blocks.gc import collect_garbage
-from ipam_blocks.liveness import WorkloadRecordLiveness
 from ipam_blocks.model import (
     AffinityState,
     AllocationType,
@@ -36,6 +35,7 @@ from ipam_blocks.pools import add_node, add_pool, forget_workload, record_worklo
 from ipam_blocks.selector import EVERYTHING, parse_selector_text
 from ipam_blocks.store.base import Resource
 from ipam_blocks.store.sqlite import SqliteStore
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 POOL = IPNetwork("10.0.0.0/28")
 BLOCKS = [IPNetwork(f"10.0.0.{i * 4}/30") for i in range(4)]

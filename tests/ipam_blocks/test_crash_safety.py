@@ -32,10 +32,10 @@ from netaddr import IPAddress, IPNetwork
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM, AssignRequest
 from ipam_blocks.check import check
-from ipam_blocks.liveness import WorkloadRecordLiveness
 from ipam_blocks.model import IPPool, Node, Workload, parse_handle
 from ipam_blocks.pools import add_node, add_pool, forget_workload, record_workload
 from ipam_blocks.store.sqlite import SqliteStore
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from ipam_blocks.errors import (
     StoreUnavailable,
     WatchExpired,
 )
-from ipam_blocks.liveness import PodRef, liveness_for
+from ipam_blocks.liveness import PodRef
 from ipam_blocks.selector import (
     LabelSelector,
     Operator,
@@ -567,6 +567,7 @@ class TestKubeErrors:
         assert kube_backend.store.list("IPPool").items == []  # and the next call works
 
     def test_workload_is_embedded_only(self, kube_backend: StoreBackend) -> None:
+        assert not kube_backend.store.holds_workloads
         for call in (
             lambda: kube_backend.store.list("Workload"),
             lambda: kube_backend.store.create(Resource("Workload", "w", {"pod": "p"})),
@@ -709,7 +710,7 @@ class TestKubeScopeAndWiring:
         store.update(n.with_spec({"asNumber": 64600}))
         store.get("Node", NODE_A)
         store.delete("Node", NODE_A, None)
-        liveness_for(store).live_pods()
+        store.owner_liveness().live_pods()
         assert rbac_rules(kube_api.requests) == {
             ("l3fabric.io", "ippools"): {"create", "update", "get", "list", "watch", "delete"},
             ("", "nodes"): {"create", "patch", "get", "delete"},
@@ -763,7 +764,7 @@ def test_pod_liveness_lists_running_pods_with_their_nodes(kube_backend, kube_api
         raw["status"] = {"phase": phase}
         core.replace_namespaced_pod_status(name, "default", raw, _preload_content=False)
 
-    liveness = liveness_for(store)
+    liveness = store.owner_liveness()
     assert isinstance(liveness, KubePodLiveness)
     assert liveness.live_pods() == {
         PodRef("default", "web-1", NODE_A),
@@ -772,6 +773,18 @@ def test_pod_liveness_lists_running_pods_with_their_nodes(kube_backend, kube_api
     }
     core.delete_namespaced_pod("web-1", "default")
     assert PodRef("default", "web-1", NODE_A) not in liveness.live_pods()
+
+
+def test_embedded_store_holds_workloads_and_has_no_cluster_objects(
+    sqlite_backend: StoreBackend,
+) -> None:
+    store = sqlite_backend.store
+    assert store.holds_workloads
+    assert store.secrets() is None
+    assert store.lease("l3fabric-system", "l3fabric-ipam-gc") is None
+    spec = {"pod": "web-1", "namespace": "default", "node": NODE_A}
+    store.create(Resource("Workload", "net.c1", spec))
+    assert store.owner_liveness().live_pods() == {PodRef("default", "web-1", NODE_A)}
 
 
 @pytest.mark.kube

@@ -5,9 +5,9 @@ the API server's own compare-and-swap gives the store's: replace carries the rev
 (409 → `Conflict`), delete carries it as a precondition. `Node` is the core Node: labels and
 annotations as they are, with the l3fabric BGP attributes lifted from `l3fabric.io/`
 annotations into `spec`. `Workload` has no cluster form; pods are the workloads there
-(`KubePodLiveness`).
-
-All API errors are translated in one place (`_translate`).
+(`pods.KubePodLiveness`). Beyond the stored kinds the store hands out the cluster's Secrets
+(`secrets`) and Leases (`leases`); every request goes through one connection (`api.KubeApi`),
+which also translates every API error.
 
 A watch whose start revision the server has already compacted away (410 Gone) raises
 `WatchExpired`, a `StoreUnavailable`: a caller's usual reaction to an unavailable store
@@ -16,35 +16,23 @@ A watch whose start revision the server has already compacted away (410 Gone) ra
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-from kubernetes import client, config, watch
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
+from kubernetes import client, watch
 
-from ipam_blocks.errors import (
-    AlreadyExists,
-    Conflict,
-    InvalidInput,
-    NotFound,
-    StoreError,
-    StoreUnavailable,
-    WatchExpired,
-)
-from ipam_blocks.liveness import PodRef
+from ipam_blocks.errors import InvalidInput
 from ipam_blocks.selector import EVERYTHING, LabelSelector
 from ipam_blocks.store.base import CRD_PLURALS, EventType, Listing, Resource, WatchEvent
-
-GROUP = "l3fabric.io"
-VERSION = "v1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from ipam_blocks.store.kube.api import API_VERSION, CONNECT_TIMEOUT, GROUP, VERSION, KubeApi
+from ipam_blocks.store.kube.leases import KubeLeaseClient
+from ipam_blocks.store.kube.pods import KubePodLiveness
+from ipam_blocks.store.kube.secrets import KubeSecretReader
 
 # Node spec field -> (annotation key, type). The agent reads these as the node's BGP identity.
 NODE_SPEC_ANNOTATIONS: Mapping[str, tuple[str, type]] = {
@@ -53,35 +41,6 @@ NODE_SPEC_ANNOTATIONS: Mapping[str, tuple[str, type]] = {
     "routeReflectorClusterID": ("l3fabric.io/route-reflector-cluster-id", str),
 }
 _SPEC_BY_ANNOTATION = {key: (name, kind) for name, (key, kind) in NODE_SPEC_ANNOTATIONS.items()}
-
-_CONNECT_TIMEOUT = 5.0
-_PAGE_SIZE = 500
-# Only connection attempts are retried: a write whose response was lost must surface as
-# StoreUnavailable, not be replayed (a replayed CAS write answers Conflict for a write that
-# actually landed, and the caller would apply its change twice).
-_RETRIES = urllib3.Retry(
-    total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.1
-)
-
-
-def _load_api_client(kubeconfig: str | None) -> client.ApiClient:
-    """kubeconfig path, else in-cluster service account, else KUBECONFIG / ~/.kube/config."""
-    cfg = client.Configuration()
-    try:
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        else:
-            try:
-                config.load_incluster_config(client_configuration=cfg)
-            except ConfigException:
-                config.load_kube_config(client_configuration=cfg)
-    except (ConfigException, OSError, TypeError, ValueError) as e:
-        where = kubeconfig or "in-cluster service account or ~/.kube/config"
-        raise InvalidInput(
-            "kubeconfig", f"cannot load Kubernetes configuration ({where}): {e}"
-        ) from e
-    cfg.retries = _RETRIES
-    return client.ApiClient(cfg)
 
 
 @dataclass(frozen=True)
@@ -102,6 +61,8 @@ class KubeStore:
     against a shared cluster sees only its own objects. The scope label is not part of
     `Resource.labels`."""
 
+    holds_workloads = False  # pods are the workloads
+
     def __init__(
         self,
         kubeconfig: str | None = None,
@@ -109,33 +70,32 @@ class KubeStore:
         *,
         request_timeout: float = 30.0,
     ) -> None:
-        self.api_client = _load_api_client(kubeconfig)
+        self._kube = KubeApi(kubeconfig, request_timeout)
         self.scope = scope
-        self._timeout = (_CONNECT_TIMEOUT, request_timeout)
-        self._custom = client.CustomObjectsApi(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
-        self._where = self.api_client.configuration.host
+        # The raw client, for tests and tools that set up what the store does not write.
+        self.api_client = self._kube.api_client
+        self.core = self._kube.core
 
     # -- Store protocol ------------------------------------------------------------------------
 
     def get(self, kind: str, name: str) -> Resource:
         api = self._api(kind)
-        with self._translate(kind, name):
-            raw = self._call(api.get, name)
+        with self._kube.translate(kind, name):
+            raw = self._kube.call(api.get, name)
         return self._decode(kind, raw)
 
     def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing:
         api = self._api(kind)
-        with self._translate(kind, ""):
-            raw = self._call(api.list, *api.list_args, label_selector=self._selector(selector))
+        with self._kube.translate(kind, ""):
+            raw = self._kube.call(api.list, *api.list_args, label_selector=self._selector(selector))
         items = sorted((self._decode(kind, o) for o in raw.get("items") or ()), key=_name)
         return Listing(items, raw["metadata"]["resourceVersion"])
 
     def create(self, obj: Resource) -> Resource:
         api = self._api(obj.kind)
         body = self._encode(obj, with_revision=False)
-        with self._translate(obj.kind, obj.name, creating=True):
-            raw = self._call(api.create, *api.list_args, body)
+        with self._kube.translate(obj.kind, obj.name, creating=True):
+            raw = self._kube.call(api.create, *api.list_args, body)
         return self._decode(obj.kind, raw)
 
     def update(self, obj: Resource) -> Resource:
@@ -143,7 +103,7 @@ class KubeStore:
         if obj.revision is None:
             raise InvalidInput("revision", "update needs the revision the object was read at")
         body = self._encode(obj, with_revision=True)
-        with self._translate(obj.kind, obj.name):
+        with self._kube.translate(obj.kind, obj.name):
             if obj.kind == "Node":
                 # A JSON patch of labels and annotations only: replacing the whole Node would
                 # need a full, current copy of everything else the kubelet and others own.
@@ -156,10 +116,10 @@ class KubeStore:
                 patch.append(
                     {"op": "add", "path": "/metadata/resourceVersion", "value": obj.revision}
                 )
-                raw = self._call(self.core.patch_node, obj.name, patch)
+                raw = self._kube.call(self._kube.core.patch_node, obj.name, patch)
             else:
-                raw = self._call(
-                    self._custom.replace_cluster_custom_object,
+                raw = self._kube.call(
+                    self._kube.custom.replace_cluster_custom_object,
                     GROUP, VERSION, CRD_PLURALS[obj.kind], obj.name, body,
                 )  # fmt: skip
         return self._decode(obj.kind, raw)
@@ -171,8 +131,8 @@ class KubeStore:
             options = client.V1DeleteOptions(
                 preconditions=client.V1Preconditions(resource_version=revision)
             )
-        with self._translate(kind, name):
-            self._call(api.delete, name, body=options)
+        with self._kube.translate(kind, name):
+            self._kube.call(api.delete, name, body=options)
 
     def watch(self, kind: str, since: str, timeout: float) -> Iterator[WatchEvent]:
         """Every change after `since`; ends once `timeout` seconds pass without one.
@@ -192,11 +152,11 @@ class KubeStore:
                 resource_version=last,
                 timeout_seconds=max(1, math.ceil(remaining)),
                 allow_watch_bookmarks=True,
-                _request_timeout=(_CONNECT_TIMEOUT, max(remaining, 0.05)),
+                _request_timeout=(CONNECT_TIMEOUT, max(remaining, 0.05)),
             )
             with closing(stream):
                 while True:
-                    with self._translate(kind, "", watching=since):
+                    with self._kube.translate(kind, "", watching=since):
                         try:
                             event = next(stream)
                         except StopIteration:
@@ -217,13 +177,24 @@ class KubeStore:
                     yield WatchEvent(EventType(type_), self._decode(kind, raw))
 
     def close(self) -> None:
-        self.api_client.close()
+        self._kube.close()
+
+    # -- what a cluster offers beyond the stored kinds -----------------------------------------
+
+    def owner_liveness(self) -> KubePodLiveness:
+        return KubePodLiveness(self._kube, self._selector(EVERYTHING))
+
+    def secrets(self) -> KubeSecretReader:
+        return KubeSecretReader(self._kube)
+
+    def lease(self, namespace: str, name: str) -> KubeLeaseClient:
+        return KubeLeaseClient(self._kube, namespace, name)
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def _api(self, kind: str) -> _Api:
         if kind in CRD_PLURALS:
-            c, plural = self._custom, CRD_PLURALS[kind]
+            c, plural = self._kube.custom, CRD_PLURALS[kind]
             return _Api(
                 kind,
                 get=lambda name, **kw: c.get_cluster_custom_object(
@@ -239,10 +210,10 @@ class KubeStore:
         if kind == "Node":
             return _Api(
                 kind,
-                get=self.core.read_node,
-                list=self.core.list_node,
-                create=self.core.create_node,
-                delete=self.core.delete_node,
+                get=self._kube.core.read_node,
+                list=self._kube.core.list_node,
+                create=self._kube.core.create_node,
+                delete=self._kube.core.delete_node,
             )
         if kind == "Workload":
             raise InvalidInput(
@@ -252,16 +223,6 @@ class KubeStore:
             )
         raise InvalidInput("kind", f"unknown kind {kind!r}")
 
-    def _call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One request; the body is decoded here, not by the client's typed models, which reject
-        fields newer than themselves."""
-        response = func(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
-        try:
-            data = response.data
-        finally:
-            response.release_conn()
-        return json.loads(data) if data else {}
-
     def _selector(self, selector: LabelSelector) -> str | None:
         if self.scope is not None:
             key, value = self.scope
@@ -269,20 +230,6 @@ class KubeStore:
                 {**selector.match_labels, key: value}, selector.match_expressions
             )
         return selector.to_text() or None
-
-    @contextmanager
-    def _translate(
-        self, kind: str, name: str, *, creating: bool = False, watching: str | None = None
-    ) -> Iterator[None]:
-        """The one place where client and HTTP failures become store errors."""
-        try:
-            yield
-        except ApiException as e:
-            raise _store_error(e, kind, name, self._where, creating, watching) from e
-        except urllib3.exceptions.HTTPError as e:
-            raise StoreUnavailable(
-                f"Kubernetes API at {self._where} unreachable: {_reason(e)}"
-            ) from e
 
     # -- Resource <-> API object ---------------------------------------------------------------
 
@@ -315,36 +262,6 @@ class KubeStore:
         annotations = dict(meta.get("annotations") or {})
         spec = _node_spec(annotations) if kind == "Node" else raw.get("spec") or {}
         return Resource(kind, meta["name"], spec, labels, annotations, meta.get("resourceVersion"))
-
-
-class KubePodLiveness:
-    """GC's owner check in a cluster: every pod that has not terminated, with its node."""
-
-    def __init__(self, store: KubeStore) -> None:
-        self._store = store
-
-    def live_pods(self) -> frozenset[PodRef]:
-        store = self._store
-        selector = store._selector(EVERYTHING)
-        pods: set[PodRef] = set()
-        token: str | None = None
-        while True:
-            with store._translate("Pod", ""):
-                page = store._call(
-                    store.core.list_pod_for_all_namespaces,
-                    label_selector=selector,
-                    limit=_PAGE_SIZE,
-                    _continue=token,
-                )
-            for pod in page.get("items") or ():
-                if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                    continue
-                meta = pod.get("metadata") or {}
-                node = (pod.get("spec") or {}).get("nodeName") or ""
-                pods.add(PodRef(meta.get("namespace", ""), meta.get("name", ""), node))
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return frozenset(pods)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -400,62 +317,4 @@ def _node_spec(annotations: dict[str, str]) -> dict[str, Any]:
     return spec
 
 
-def _status(e: ApiException) -> dict[str, Any]:
-    try:
-        body = json.loads(e.body or "")
-    except (TypeError, ValueError):
-        return {}
-    return body if isinstance(body, dict) and body.get("kind") == "Status" else {}
-
-
-def _store_error(
-    e: ApiException, kind: str, name: str, where: str, creating: bool, watching: str | None
-) -> StoreError | InvalidInput:
-    status = _status(e)
-    code = e.status or status.get("code") or 0
-    reason = status.get("reason", "")
-    message = status.get("message") or e.reason or "no message"
-    details = status.get("details") or {}
-    what = f"{kind} {name!r}" if name else kind
-    if code == 404 and name and reason == "NotFound" and details.get("name") == name:
-        return NotFound(kind, name)
-    if code == 404:
-        served = f"{CRD_PLURALS[kind]}.{GROUP}/{VERSION}" if kind in CRD_PLURALS else kind
-        return StoreUnavailable(
-            f"Kubernetes API at {where} does not serve {served} (CRDs not installed?): {message}"
-        )
-    if code == 409 and creating:
-        return AlreadyExists(kind, name)
-    if code == 409:
-        return Conflict(kind, name)
-    if code == 410 and watching is not None:
-        return WatchExpired(f"watch of {kind} from revision {watching} expired: {message}")
-    if code in (400, 422):
-        causes = details.get("causes") or []
-        field = next((c["field"] for c in causes if c.get("field")), "") or "request"
-        detail = "; ".join(c.get("message", "") for c in causes if c.get("message")) or message
-        return InvalidInput(field, f"{what} rejected by the API server: {detail}")
-    if code in (401, 403):
-        return StoreError(f"Kubernetes API at {where} refused access to {what} ({code}): {message}")
-    if code == 0:
-        return StoreUnavailable(f"Kubernetes API at {where} unreachable: {e.reason}")
-    return StoreUnavailable(f"Kubernetes API at {where} failed on {what} ({code}): {message}")
-
-
-def _reason(e: urllib3.exceptions.HTTPError) -> str:
-    """The innermost cause, without urllib3's object reprs."""
-    inner = getattr(e, "reason", None) or e
-    text = str(inner)
-    # "<urllib3.connection.HTTPConnection object at 0x..>: Failed to establish ..." -> the tail
-    return text.split(">: ", 1)[-1]
-
-
-__all__ = [
-    "API_VERSION",
-    "GROUP",
-    "NODE_SPEC_ANNOTATIONS",
-    "VERSION",
-    "KubePodLiveness",
-    "KubeStore",
-    "WatchExpired",
-]
+__all__ = ["NODE_SPEC_ANNOTATIONS", "KubeStore"]
