@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address
 from typing import Any
 
-from bgp_speaker.bgp.config import BgpConfig, BgpPeer, NextHopMode, parse_bgp_peer
+from bgp_speaker.bgp.config import BgpConfig, BgpPeer, NextHopMode, PasswordRef, parse_bgp_peer
 from bgp_speaker.bgp.handover import SessionHandover
 from bgp_speaker.bgp.limits import PrefixLimits
 from bgp_speaker.bgp.passwords import PasswordUnavailable, resolve_password
@@ -41,17 +41,17 @@ from bgp_speaker.bgp.routes import (
     RoutesWithdrawn,
     SessionSpec,
     SpeakerEvent,
+    SpeakerRestarted,
 )
 from bgp_speaker.bgp.sessions import desired_sessions, node_address
+from bgp_speaker.bgp.speaker import ReflectingSpeaker
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.model import Node
-from ipam_blocks.store.base import Resource
+from ipam_blocks.store.base import Resource, Store
 
 __all__ = ["Peering", "PeeringDesired", "describe_routes", "peer_policy", "read_peering"]
 
 log = logging.getLogger("l3fabric.agent.routing")
-
-HANDOVER_TICK = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class PeeringDesired:
 
 
 def read_peering(
-    store: Any,
+    store: Store,
     me: Node,
     nodes: Sequence[Node],
     cfg: BgpConfig,
@@ -107,16 +107,16 @@ def read_peering(
         peers.append(peer)
     by_name = {p.name: p for p in peers}
 
-    def password_of(ref: Any) -> str | None:
+    def password_of(ref: PasswordRef) -> str | None:
         # desired_sessions asks per BGPPeer; the refs are resolved above, by peer name.
         return next((passwords.get(p.name) for p in peers if p.password is ref), None)
 
     sessions = desired_sessions(me, nodes, cfg, peers, password_of)
     cluster_id = _cluster_id(me)
-    addresses = {node_address(n): n for n in nodes}
-    cluster_ids = {}
+    addresses: dict[IPAddr | None, Node] = {node_address(n): n for n in nodes}
+    cluster_ids: dict[IPAddr, IPv4Address] = {}
     for s in sessions:
-        other = addresses.get(s.peer_ip)  # type: ignore[call-overload]
+        other = addresses.get(s.peer_ip)
         if other is not None and (cid := _cluster_id(other)) is not None:
             cluster_ids[s.peer_ip] = cid
     next_hop_self = frozenset(
@@ -160,7 +160,7 @@ def peer_policy(base: ImportPolicy, desired: PeeringDesired) -> PeerPolicy:
 class Peering:
     """Event-loop state: configured sessions, limits, router ids and reflection."""
 
-    def __init__(self, rib: Rib, speaker: Any) -> None:
+    def __init__(self, rib: Rib, speaker: ReflectingSpeaker) -> None:
         self.rib = rib
         self.speaker = speaker
         self.handover = SessionHandover()
@@ -212,9 +212,9 @@ class Peering:
         if isinstance(event, PeerOpened):
             self.router_ids[event.peer] = event.router_id
             return True
-        peer = getattr(event, "peer", None)
-        if peer is None:
+        if isinstance(event, SpeakerRestarted):
             return False
+        peer = event.peer
         if isinstance(event, (RoutesAnnounced, RoutesWithdrawn, EndOfRib)) and not any(
             s.peer_ip == peer for s in self.configured
         ):
@@ -258,7 +258,7 @@ class Peering:
         cluster_id = self.desired.cluster_id
         if cluster_id is None:
             return None
-        speaker_peers = {s.peer_ip for s in getattr(self.speaker, "sessions", ())}
+        speaker_peers = _speaker_peers(self.speaker)
         sessions = [s for s in self.configured if s.peer_ip in speaker_peers]
         neighbours = neighbours_from_sessions(
             sessions, self.router_ids, self.desired.cluster_ids, self.desired.next_hop_self
@@ -312,7 +312,7 @@ class Peering:
                 },
             )
 
-    async def _send(self, call: Any, peers: Sequence[IPAddr]) -> None:
+    async def _send(self, call: Awaitable[None], peers: Sequence[IPAddr]) -> None:
         try:
             await call
         except Exception as err:  # e.g. the session was removed meanwhile: level state heals
@@ -339,8 +339,8 @@ class Peering:
         return self.adj_out.count(peer)
 
 
-def _speaker_peers(speaker: Any) -> set[IPAddr]:
-    return {s.peer_ip for s in getattr(speaker, "sessions", ())}
+def _speaker_peers(speaker: ReflectingSpeaker) -> set[IPAddr]:
+    return {s.peer_ip for s in speaker.sessions}
 
 
 def describe_routes(rib: Rib, peering: Peering, prefix: str | None = None) -> dict[str, Any]:

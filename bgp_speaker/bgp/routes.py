@@ -139,15 +139,10 @@ class SpeakerRestarted:
     reason: str = ""
 
 
-SpeakerEvent = (
-    PeerStateChanged
-    | RoutesAnnounced
-    | RoutesWithdrawn
-    | EndOfRib
-    | SpeakerRestarted
-    | PeerOpened
-    | PeerAlive
-)
+PeerEvent = PeerStateChanged | RoutesAnnounced | RoutesWithdrawn | EndOfRib | PeerOpened | PeerAlive
+"""What one session reported: every one names its ``peer``."""
+
+SpeakerEvent = PeerEvent | SpeakerRestarted
 
 
 # --- kernel routes --------------------------------------------------------------------------

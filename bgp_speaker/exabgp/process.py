@@ -57,10 +57,11 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 from bgp_speaker.bgp.routes import (
     IPAddr,
@@ -434,8 +435,9 @@ class ExaBGPSpeaker:
         # starts after that, so the relay's hello says signals are safe.
         if not instance.hello.is_set():
             hello = asyncio.ensure_future(instance.hello.wait())
+            started_or_exited: set[asyncio.Future[Any]] = {hello, instance.exited}
             await asyncio.wait(
-                {hello, instance.exited},
+                started_or_exited,
                 timeout=self._start_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -904,8 +906,8 @@ class ExaBGPSpeaker:
         env.update(exabgp_env)
         return env
 
-    def _spawn_task(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_task(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

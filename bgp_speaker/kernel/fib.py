@@ -51,13 +51,14 @@ import select
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bgp_speaker.bgp.routes import PROTO_BGP, IPAddr, IPNet, KernelRoute, NextHop
 from bgp_speaker.kernel import netlink_batch as nl
 from bgp_speaker.kernel.netns import NetnsUnavailable, open_netns, run_in_netns
 from ipam_blocks.errors import L3FabricError
 
-__all__ = ["CHUNK", "Fib", "FibError"]
+__all__ = ["CHUNK", "Fib", "FibError", "KernelFib", "ManagedFib"]
 
 log = logging.getLogger("l3fabric.agent.fib")
 
@@ -78,6 +79,34 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 _ADD_OWNED = nl.NLM_F_CREATE | nl.NLM_F_REPLACE
 _ADD_NEW = nl.NLM_F_CREATE | nl.NLM_F_EXCL
+
+
+class KernelFib(Protocol):
+    """What the routing controller programs: our routes in one kernel table (``Fib``, or
+    ``overlay.tunnels.EncapFib`` around one). Blocking, and for one thread at a time."""
+
+    def dump(self) -> dict[IPNet, KernelRoute]:
+        """Our routes in the table."""
+        ...
+
+    def apply(self, add_or_replace: Iterable[KernelRoute], remove: Iterable[IPNet]) -> None:
+        """Install or replace, and remove; FibError lists what failed, the rest is applied."""
+        ...
+
+    def reconcile(self, desired: Mapping[IPNet, KernelRoute]) -> tuple[int, int]:
+        """Make our routes equal ``desired``: (routes added or changed, removed)."""
+        ...
+
+
+class ManagedFib(KernelFib, Protocol):
+    """A KernelFib on its own netlink socket, caching interface indexes (``Fib``): what
+    ``EncapFib`` wraps, telling it when a tunnel device was replaced."""
+
+    def links_changed(self) -> None:
+        """Interfaces were replaced: resolve their names anew."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class FibError(L3FabricError):

@@ -10,15 +10,42 @@ what routes may use; ``pod_mtu`` what the CNI gives pods whose network config na
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from bgp_speaker.overlay.encap import Encap, EncapPolicy, pod_mtu
 from bgp_speaker.overlay.nat import NatError, NatTable
 from bgp_speaker.overlay.tunnels import TunnelError, Tunnels, TunnelStatus
 
-__all__ = ["Overlay"]
+__all__ = ["Overlay", "OverlayDataplane"]
 
 log = logging.getLogger("l3fabric.agent.overlay")
+
+
+class OverlayDataplane(Protocol):
+    """What the routing controller needs of the overlay (``Overlay`` implements it)."""
+
+    @property
+    def healthy(self) -> bool:
+        """False: the last reconcile failed, call it again soon."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a tunnel device was replaced (the routes through it are gone)."""
+        ...
+
+    def reconcile(self, policy: EncapPolicy) -> frozenset[Encap]:
+        """Level devices and NAT rules to ``policy`` (blocking); the encapsulations routes may
+        use."""
+        ...
+
+    def pod_mtu(self) -> int | None:
+        """The MTU pods get when their CNI config names none (None: not known yet)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """For ``node status``."""
+        ...
 
 
 class Overlay:

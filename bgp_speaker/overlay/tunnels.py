@@ -44,6 +44,7 @@ from netaddr import IPNetwork
 from pyroute2 import IPRoute, NetlinkError
 
 from bgp_speaker.bgp.routes import IPNet, KernelRoute
+from bgp_speaker.kernel.fib import ManagedFib
 from bgp_speaker.kernel.netns import NetnsUnavailable, open_netns, run_in_netns
 from bgp_speaker.overlay.encap import (
     IPIP_DEVICE,
@@ -456,10 +457,11 @@ def _held_by(ipam: IPAM, handle: str) -> list[IPv4Address]:
 class EncapFib:
     """A FIB (``bgp_speaker.kernel.fib.Fib``) whose VXLAN routes always find their VTEP entries:
     entries for the routes about to be installed are added first, entries no installed route
-    uses any more are removed after. Same interface as the FIB it wraps; the VTEPs in use
-    are counted per route, so a change costs what its batch holds, not the whole table."""
+    uses any more are removed after. A ``KernelFib`` for the routing controller (closing it
+    closes the FIB it wraps); the VTEPs in use are counted per route, so a change costs what
+    its batch holds, not the whole table."""
 
-    def __init__(self, fib: Any, tunnels: Tunnels) -> None:
+    def __init__(self, fib: ManagedFib, tunnels: Tunnels) -> None:
         self.fib = fib
         self.tunnels = tunnels
         self._vteps_of: dict[IPNet, frozenset[IPv4Address]] = {}  # routes that use VXLAN
@@ -491,7 +493,7 @@ class EncapFib:
         self._devices_checked()
         self._level(self._in_use() | vteps_of(desired.values()))
         try:
-            return self.fib.reconcile(desired)  # type: ignore[no-any-return]
+            return self.fib.reconcile(desired)
         finally:
             self._vteps_of, self._users = {}, Counter()
             self._record(desired.values(), ())
@@ -523,9 +525,6 @@ class EncapFib:
             self.tunnels.set_vteps(vteps)
         except TunnelError as err:
             log.warning("vtep entries not levelled", extra={"op": "tunnels", "reason": str(err)})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.fib, name)
 
 
 def _set_mtu_and_up(ipr: Any, link: Any, mtu: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from netaddr import IPAddress, IPNetwork
@@ -383,8 +384,8 @@ class PodNetwork:
         for handle in self._allocated_handles(prefix) - recorded - valid_handles:
             with self._locks.hold_if_free(handle) as free:
                 # A record appearing meanwhile means an ADD started after our listing.
-                if free and _store(lambda h=handle: self.records.get(h), "get") is None:
-                    _store(lambda h=handle: self.ipam.release_handle(h), f"release {handle}")
+                if free and _store(partial(self.records.get, handle), "get") is None:
+                    _store(partial(self.ipam.release_handle, handle), f"release {handle}")
                     released.append(handle)
         log.info(
             "cni gc",

@@ -28,10 +28,10 @@ from cni.protocol import AgentUnreachable, call
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.check import CheckReport, check
-from ipam_blocks.liveness import WorkloadRecordLiveness
 from ipam_blocks.model import IPPool, Node, parse_workload
 from ipam_blocks.pools import add_node, add_pool
 from ipam_blocks.store.sqlite import SqliteStore
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 from tests.cni.runtime import Container, PluginRun, exec_plugin, plugin_env
 
 NETNS_DIR = Path("/var/run/netns")

@@ -22,10 +22,10 @@ from ipam_blocks import retry
 from ipam_blocks.allocator import IPAM, AssignRequest
 from ipam_blocks.check import check
 from ipam_blocks.errors import StoreUnavailable
-from ipam_blocks.liveness import WorkloadRecordLiveness
 from ipam_blocks.model import IPPool, Node
 from ipam_blocks.pools import add_node, add_pool
 from ipam_blocks.store.sqlite import SqliteStore
+from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 NODE = "node-a"
 NETNS = "/proc/self/ns/net"  # a real namespace file the netns pre-check accepts, no root

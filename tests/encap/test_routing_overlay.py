@@ -16,23 +16,7 @@ from bgp_speaker.overlay.encap import IPIP_DEVICE, VXLAN_DEVICE, Encap, EncapPol
 from ipam_blocks.model import EncapMode
 from l3fabric.views.node_status import render_node_status
 from tests.fabric.test_graceful_restart import BLOCK_1, LEARNED, PEER, POOL, controller, feed
-
-
-class FakeOverlay:
-    def __init__(self, available: frozenset[Encap]) -> None:
-        self.available = available
-        self.healthy = True
-        self.seen: list[EncapPolicy] = []
-
-    def reconcile(self, policy: EncapPolicy) -> frozenset[Encap]:
-        self.seen.append(policy)
-        return self.available & policy.wanted
-
-    def pod_mtu(self) -> int | None:
-        return 1480
-
-    def status(self) -> dict[str, Any]:
-        return {"available": sorted(self.available)}
+from tests.reflection.doubles import FakeOverlay
 
 
 def policy(ipip: str = "Never", vxlan: str = "Never") -> EncapPolicy:
@@ -44,15 +28,13 @@ def scenario(available: frozenset[Encap], *steps: EncapPolicy) -> list[Any]:
     """Learn BLOCK_1 from PEER, then apply each policy; the FIB's route after each."""
 
     async def run() -> list[Any]:
-        routing, fib = controller(120)
-        routing.overlay = FakeOverlay(available)
+        routing, fib = controller(120, overlay=FakeOverlay(available))
         out = []
         await feed(routing, *LEARNED)
         for step in steps:
-            await routing._program(await routing._reconcile_overlay(step))
+            await routing.kernel.program(await routing.kernel.reconcile_overlay(step))
             out.append(fib.routes.get(BLOCK_1))
-        for task in list(routing._tasks):
-            task.cancel()
+        routing.tasks.cancel()
         return out
 
     return asyncio.run(run())
@@ -88,9 +70,9 @@ def test_cross_subnet_next_hops_only_are_refused() -> None:
 
 
 def test_status_and_pod_mtu_come_from_the_overlay() -> None:
-    routing, _ = controller(120)
-    assert routing.pod_mtu() is None
-    routing.overlay = FakeOverlay(frozenset())
+    plain, _ = controller(120)
+    assert plain.pod_mtu() is None
+    routing, _ = controller(120, overlay=FakeOverlay(frozenset()))
     assert routing.pod_mtu() == 1480
     assert routing.status()["overlay"] == {"available": []}
 

@@ -9,9 +9,9 @@ off, drops them at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine
 from ipaddress import IPv4Address, ip_network
-from typing import Any
+from typing import Any, TypeVar
 
 from bgp_speaker.bgp.export import Exports
 from bgp_speaker.bgp.rib import ImportPolicy
@@ -26,50 +26,50 @@ from bgp_speaker.bgp.routes import (
     RoutesAnnounced,
     SessionSpec,
     SessionState,
+    SpeakerEvent,
     SpeakerRestarted,
 )
-from bgp_speaker.routing.controller import DesiredState, RoutingController
+from bgp_speaker.bgp.speaker import Speaker
+from bgp_speaker.overlay.dataplane import OverlayDataplane
+from bgp_speaker.routing.controller import RoutingController
+from bgp_speaker.routing.desired import DesiredState
+from tests.reflection.doubles import FakeFib, FakeSpeaker
 
 ME, PEER = IPv4Address("10.0.0.11"), IPv4Address("10.0.0.12")
 POOL = ip_network("10.244.0.0/16")
 BLOCK_1, BLOCK_2 = ip_network("10.244.1.0/26"), ip_network("10.244.2.0/26")
 
 
-class FakeFib:
-    def __init__(self) -> None:
-        self.routes: dict[IPNet, KernelRoute] = {}
-
-    def dump(self) -> dict[IPNet, KernelRoute]:
-        return dict(self.routes)
-
-    def apply(self, add_or_replace: Iterable[KernelRoute], remove: Iterable[IPNet]) -> None:
-        for route in add_or_replace:
-            self.routes[route.prefix] = route
-        for prefix in remove:
-            self.routes.pop(prefix, None)
-
-    def reconcile(self, desired: dict[IPNet, KernelRoute]) -> tuple[int, int]:
-        self.routes = dict(desired)
-        return len(desired), 0
+T = TypeVar("T")
 
 
-def controller(graceful_restart_time: int | None) -> tuple[RoutingController, FakeFib]:
+def controller(
+    graceful_restart_time: int | None,
+    speaker: Speaker | None = None,
+    overlay: OverlayDataplane | None = None,
+) -> tuple[RoutingController, FakeFib]:
     fib = FakeFib()
-    routing = RoutingController("n1", store=None, speaker=None, fib=fib)  # type: ignore[arg-type]
+    routing = RoutingController(
+        "n1",
+        store=None,  # type: ignore[arg-type]  # nothing here reads the desired state
+        speaker=speaker or FakeSpeaker(),
+        fib=fib,
+        overlay=overlay,
+    )
     spec = SessionSpec(
         PEER, 64512, 64512, ME, ME, PeerType.MESH, graceful_restart_time=graceful_restart_time
     )
     policy = ImportPolicy(((POOL, 26),), frozenset(), ME, 64512)
-    routing.desired = DesiredState((spec,), Exports(), policy)
-    routing.peering.configured = (spec,)  # as _plan_sessions leaves it
+    routing.state.desired = DesiredState((spec,), Exports(), policy)
+    routing.peering.configured = (spec,)  # as Reconciler.plan_sessions leaves it
     routing.rib.set_sessions([spec])
     routing.rib.set_policy(policy)
     return routing, fib
 
 
-async def feed(routing: RoutingController, *events: Any) -> None:
+async def feed(routing: RoutingController, *events: SpeakerEvent) -> None:
     for event in events:
-        await routing._program(routing._handle(event))
+        await routing.kernel.program(routing.speaker_events.handle(event))
 
 
 def via_peer(*prefixes: IPNet) -> dict[IPNet, KernelRoute]:
@@ -83,7 +83,7 @@ LEARNED = (
 )
 
 
-def run(coro: Any) -> Any:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -105,8 +105,7 @@ def test_session_lost_without_notification_keeps_routes_until_end_of_rib() -> No
         await feed(routing, EndOfRib(PEER))
         assert fib.routes == via_peer(BLOCK_1)
         assert routing.rib.stale(PEER) == 0
-        for task in list(routing._tasks):
-            task.cancel()
+        routing.tasks.cancel()
 
     run(scenario())
 
@@ -118,8 +117,7 @@ def test_our_speaker_restart_keeps_routes_too() -> None:
         assert fib.routes == via_peer(BLOCK_1, BLOCK_2)
         await feed(routing, PeerStateChanged(PEER, SessionState.UP), EndOfRib(PEER))
         assert fib.routes == {}  # nothing announced again
-        for task in list(routing._tasks):
-            task.cancel()
+        routing.tasks.cancel()
 
     run(scenario())
 

@@ -37,6 +37,7 @@ from tests.fabric.test_graceful_restart import (
     feed,
     via_peer,
 )
+from tests.reflection.doubles import FakeSpeaker
 
 ME = IPv4Address("10.0.0.11")
 SPEC = SessionSpec(PEER, 64512, 64512, ME, ME, PeerType.MESH, graceful_restart_time=120)
@@ -121,9 +122,10 @@ def test_controller_drops_a_peer_that_advertised_no_graceful_restart() -> None:
 def test_controller_keeps_routes_for_the_peers_time_capped_by_max_restart_time() -> None:
     async def scenario() -> None:
         routing, fib = controller(None)  # we advertise none; the peer does (300 s)
-        assert routing.desired is not None
-        spec = dataclasses.replace(routing.desired.sessions[0], max_restart_time=1)
-        routing.desired = dataclasses.replace(routing.desired, sessions=(spec,))
+        desired = routing.state.desired
+        assert desired is not None
+        spec = dataclasses.replace(desired.sessions[0], max_restart_time=1)
+        routing.state.desired = dataclasses.replace(desired, sessions=(spec,))
         await feed(routing, PeerOpened(PEER, PEER, 300), *LEARNED)
         await feed(routing, PeerStateChanged(PEER, SessionState.DOWN, LOST))
         assert fib.routes == via_peer(BLOCK_1, BLOCK_2)  # kept, stale
@@ -150,42 +152,30 @@ def test_hold_timers_expire_once_and_notice_a_revival() -> None:
     assert timers.expired(1e6) == []
 
 
-class RefreshingSpeaker:
-    def __init__(self) -> None:
-        self.refreshed: list[Any] = []
-
-    async def route_refresh(self, peer: Any) -> None:
-        self.refreshed.append(peer)
-
-    async def send_eor(self, peer: Any = None, afi: int = 4) -> None:
-        pass
-
-
 def test_controller_drops_a_silent_peer_at_its_hold_time_and_refreshes_a_revived_one() -> None:
     async def scenario() -> None:
-        routing, fib = controller(None)  # no graceful restart: a dead peer's routes go
-        speaker = RefreshingSpeaker()
-        routing.speaker = speaker  # type: ignore[assignment]
-        watch = asyncio.get_running_loop().create_task(routing._hold_watch())
+        speaker = FakeSpeaker()
+        # No graceful restart: a dead peer's routes go.
+        routing, fib = controller(None, speaker=speaker)
+        watch = asyncio.get_running_loop().create_task(routing.timers.watch())
         for event in (PeerOpened(PEER, PEER, None, 3), *LEARNED):
-            routing._heard(event)
+            routing.timers.heard(event)
         await feed(routing, PeerOpened(PEER, PEER, None, 3), *LEARNED)
         await asyncio.sleep(2.0)
-        routing._heard(PeerAlive(PEER))  # a keepalive: still there
+        routing.timers.heard(PeerAlive(PEER))  # a keepalive: still there
         await asyncio.sleep(2.0)
         assert fib.routes == via_peer(BLOCK_1, BLOCK_2)
         await asyncio.sleep(1.3)  # silent for 3.3 s > hold time 3
         assert fib.routes == {}
-        assert routing.peer_state[PEER][2] == graceful.HOLD_EXPIRED
+        assert routing.state.peer_state[PEER][2] == graceful.HOLD_EXPIRED
         # It speaks again (ExaBGP's own timer had not fired): its routes are asked for.
-        routing._heard(PeerAlive(PEER))
+        routing.timers.heard(PeerAlive(PEER))
         await asyncio.sleep(0.05)
-        assert speaker.refreshed == [PEER]
+        assert speaker.take("route_refresh") == [("route_refresh", str(PEER))]
         await feed(routing, RoutesAnnounced(PEER, (BLOCK_1,), LEARNED[1].attributes))
         assert fib.routes == via_peer(BLOCK_1)
         watch.cancel()
-        for task in list(routing._tasks):
-            task.cancel()
+        routing.tasks.cancel()
 
     run(scenario())
 

@@ -109,6 +109,18 @@ class MeshSpeaker:
             if peer is None or other.address == peer:
                 other.deliver(EndOfRib(self.address))
 
+    async def route_refresh(self, peer: IPAddr | None = None, afi: int = 4) -> None:
+        for other in self.mesh.neighbours(self):
+            if (peer is None or other.address == peer) and other.exports:
+                self.deliver(other.announcement(other.exports))
+
+    async def reflect(
+        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
+    ) -> None:
+        # The VM's topologies are full meshes: no node reflects, so nothing is ever passed on.
+        if peers:
+            raise AssertionError("the mesh double has no route reflectors")
+
     async def events(self) -> AsyncIterator[SpeakerEvent]:
         while True:
             yield await self._queue.get()

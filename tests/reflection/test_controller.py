@@ -5,9 +5,7 @@ make-before-break. (The real ExaBGP/BIRD/FRR paths are in tests/interop.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from ipaddress import IPv4Address, ip_network
-from typing import Any
 
 from bgp_speaker.bgp.config import parse_bgp_config
 from bgp_speaker.bgp.export import Exports
@@ -16,7 +14,6 @@ from bgp_speaker.bgp.rib import ImportPolicy
 from bgp_speaker.bgp.routes import (
     EndOfRib,
     IPNet,
-    KernelRoute,
     PathAttributes,
     PeerOpened,
     PeerStateChanged,
@@ -25,66 +22,19 @@ from bgp_speaker.bgp.routes import (
     RoutesWithdrawn,
     SessionSpec,
     SessionState,
+    SpeakerEvent,
 )
-from bgp_speaker.routing import controller as routing_module
-from bgp_speaker.routing.controller import DesiredState, RoutingController
+from bgp_speaker.routing import speaker_events
+from bgp_speaker.routing.controller import RoutingController
+from bgp_speaker.routing.desired import DesiredState
 from ipam_blocks.store.base import Resource
+from tests.reflection.doubles import FakeFib, FakeSpeaker
 
 ME = IPv4Address("10.0.0.1")
 CLUSTER = IPv4Address("244.0.0.1")
 C1, C2, TOR = IPv4Address("10.0.0.11"), IPv4Address("10.0.0.12"), IPv4Address("10.0.0.254")
 POOL = ip_network("10.244.0.0/16")
 B1, B2, OWN = ip_network("10.244.1.0/26"), ip_network("10.244.2.0/26"), ip_network("10.244.9.0/26")
-
-
-class FakeFib:
-    def __init__(self) -> None:
-        self.routes: dict[IPNet, KernelRoute] = {}
-        self.ever: set[IPNet] = set()
-
-    def dump(self) -> dict[IPNet, KernelRoute]:
-        return dict(self.routes)
-
-    def apply(self, add: Iterable[KernelRoute], remove: Iterable[IPNet]) -> None:
-        for route in add:
-            self.routes[route.prefix] = route
-            self.ever.add(route.prefix)
-        for prefix in remove:
-            self.routes.pop(prefix, None)
-
-    def reconcile(self, desired: dict[IPNet, KernelRoute]) -> tuple[int, int]:
-        self.routes = dict(desired)
-        return len(desired), 0
-
-
-class FakeSpeaker:
-    def __init__(self) -> None:
-        self.sessions: tuple[SessionSpec, ...] = ()
-        self.calls: list[tuple[Any, ...]] = []
-
-    async def set_sessions(self, sessions) -> bool:
-        self.sessions = tuple(sessions)
-        self.calls.append(("sessions", tuple(str(s.peer_ip) for s in sessions)))
-        return True
-
-    async def announce(self, prefixes, **attrs) -> None:
-        self.calls.append(("announce", tuple(map(str, prefixes)), attrs.get("communities")))
-
-    async def withdraw(self, prefixes, *, peers=()) -> None:
-        for peer in peers or (None,):
-            self.calls.append(("withdraw", str(peer), tuple(map(str, prefixes))))
-
-    async def reflect(self, peers, prefixes, attributes) -> None:
-        for peer in peers:
-            self.calls.append(("reflect", str(peer), tuple(map(str, prefixes)), attributes))
-
-    async def send_eor(self, peer=None, afi=4) -> None:
-        pass
-
-    def take(self, kind: str) -> list[tuple[Any, ...]]:
-        out = [c for c in self.calls if c[0] == kind]
-        self.calls = [c for c in self.calls if c[0] != kind]
-        return out
 
 
 def session(peer, *, client=True, asn=64512, limit=None):
@@ -97,24 +47,25 @@ SESSIONS = (session(C1), session(C2), session(TOR, client=False, asn=65001, limi
 
 def reflector() -> tuple[RoutingController, FakeSpeaker, FakeFib]:
     fib, speaker = FakeFib(), FakeSpeaker()
+    # No store: nothing here reads the desired state, it is set below.
     routing = RoutingController("rr1", store=None, speaker=speaker, fib=fib)  # type: ignore[arg-type]
     peering = PeeringDesired(cluster_id=CLUSTER)
     policy = peer_policy(ImportPolicy(((POOL, 26),), frozenset({OWN}), ME, 64512), peering)
     desired = DesiredState(SESSIONS, Exports(frozenset({OWN})), policy, peering)
-    routing.desired = desired
+    routing.state.desired = desired
     routing.peering.set_desired(peering)
-    configured = routing._plan_sessions(desired)
+    configured = routing.reconciler.plan_sessions(desired)
     routing.rib.set_sessions(configured)
     routing.rib.set_policy(policy)
     speaker.sessions = configured
     return routing, speaker, fib
 
 
-async def feed(routing: RoutingController, *events: Any) -> None:
+async def feed(routing: RoutingController, *events: SpeakerEvent) -> None:
     affected: set[IPNet] = set()
     for event in events:
-        affected |= routing._handle(event)
-    await routing._program(affected)
+        affected |= routing.speaker_events.handle(event)
+    await routing.kernel.program(affected)
     await routing.peering.reflect(affected)
 
 
@@ -173,7 +124,9 @@ def test_max_prefixes_cuts_the_peer_off_before_anything_reaches_the_kernel():
         assert status[str(TOR)]["state"] == "down"
         assert status[str(TOR)]["reason"] == "max-prefixes 3 exceeded (5 received)"
         # The next plan leaves the peer out of ExaBGP; the others stay.
-        assert {s.peer_ip for s in routing._plan_sessions(routing.desired)} == {C1, C2}
+        desired = routing.state.desired
+        assert desired is not None
+        assert {s.peer_ip for s in routing.reconciler.plan_sessions(desired)} == {C1, C2}
 
     asyncio.run(main())
 
@@ -212,7 +165,7 @@ def test_a_limited_peers_initial_table_goes_in_at_its_end_of_rib():
 
 
 def test_a_limited_peer_without_end_of_rib_is_installed_after_a_wait(monkeypatch):
-    monkeypatch.setattr(routing_module, "INITIAL_TABLE_WAIT", 0.05)
+    monkeypatch.setattr(speaker_events, "INITIAL_TABLE_WAIT", 0.05)
 
     async def main() -> None:
         routing, _, fib = reflector()
@@ -283,6 +236,7 @@ def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_
         Resource("BGPPeer", "nopw", {"peerIP": "10.0.0.253", "asNumber": 65001,
                                      "password": {"file": str(tmp_path / "missing")}}),
     ]  # fmt: skip
+    # File passwords only: the store is not read.
     sessions, desired = read_peering(None, me, [me], parse_bgp_config(None), peers)
     by_ip = {str(s.peer_ip): s for s in sessions}
     assert by_ip["10.0.0.254"].md5_password == "s3cret"

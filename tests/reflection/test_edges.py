@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,7 +47,11 @@ def test_password_from_a_file_without_its_trailing_newline(tmp_path: Path):
     "ref, store, message",
     [
         (PasswordRef(file="/nonexistent/pw"), None, "BGPPeer/x.password.file: cannot read"),
-        (PasswordRef("s", "k"), object(), "embedded store has no Secrets"),
+        (
+            PasswordRef("s", "k"),
+            SimpleNamespace(secrets=lambda: None),
+            "embedded store has no Secrets",
+        ),
         (PasswordRef(), None, "set secretKeyRef or file"),
     ],
 )
@@ -60,13 +63,13 @@ def test_unreadable_passwords_name_the_field(ref, store, message):
 def test_password_from_a_kubernetes_secret_in_the_agent_namespace(monkeypatch):
     asked = []
 
-    class Core:
-        def read_namespaced_secret(self, name, namespace):
+    class Secrets:
+        def read_secret(self, namespace, name):
             asked.append((name, namespace))
-            return SimpleNamespace(data={"rack1": base64.b64encode(b"t0r-pw").decode()})
+            return {"rack1": b"t0r-pw"}
 
     monkeypatch.setenv("POD_NAMESPACE", "l3fabric-system")
-    store = SimpleNamespace(core=Core())
+    store = SimpleNamespace(secrets=Secrets)
     assert resolve_password(PasswordRef("bgp-passwords", "rack1"), store, "BGPPeer/x") == "t0r-pw"
     assert asked == [("bgp-passwords", "l3fabric-system")]
     with pytest.raises(PasswordUnavailable, match="has no key 'rack2'"):
