@@ -36,6 +36,8 @@ log = logging.getLogger("l3fabric.agent")
 
 DEFAULT_STATE_DIR = Path("/var/lib/l3fabric")
 DEFAULT_MTU = 1500
+# The metrics name BGP peers and pod counts without authentication: loopback unless told.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class AgentSettings:
     """Run the routing half (ExaBGP, RIB, FIB)."""
     metrics_port: int = 0
     """Prometheus metrics port; 0 serves none."""
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     """Address the metrics endpoint listens on."""
 
     def __post_init__(self) -> None:

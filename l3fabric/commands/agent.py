@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from bgp_speaker.agent.main import DEFAULT_MTU, DEFAULT_STATE_DIR, AgentSettings, run
+from bgp_speaker.agent.main import (
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_MTU,
+    DEFAULT_STATE_DIR,
+    AgentSettings,
+    run,
+)
 from cni.protocol import DEFAULT_SOCKET, AgentUnreachable, call
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.store import default_store_url
@@ -53,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument(
         "--metrics-port", type=int, default=0, help="Prometheus metrics port (default: off)"
     )
-    agent.add_argument("--metrics-address", default="0.0.0.0", help="(default: 0.0.0.0)")
+    agent.add_argument(
+        "--metrics-address",
+        default=DEFAULT_METRICS_ADDRESS,
+        help="address the metrics endpoint listens on; it is unauthenticated, so only a "
+        f"trusted one (default: {DEFAULT_METRICS_ADDRESS})",
+    )
     agent.set_defaults(handler=_agent)
 
     status = verb_group(subparsers, "node", "nodes: records and BGP status").add_parser(

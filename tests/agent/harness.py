@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,11 +159,11 @@ class NodeHarness:
             "--state-dir", str(self.tmp / "state"), "--host-netns", self.host_netns_path,
         ]  # fmt: skip
 
-    def start_agent(self, timeout: float = 20) -> AgentProcess:
+    def start_agent(self, timeout: float = 20, extra_args: Sequence[str] = ()) -> AgentProcess:
         log = self.tmp / f"agent-{len(self.agents)}.log"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
-                self.agent_command(), cwd=REPO, stdin=subprocess.DEVNULL,
+                [*self.agent_command(), *extra_args], cwd=REPO, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
         agent = AgentProcess(proc, self.socket, log)

@@ -173,7 +173,12 @@ def _pod_spec(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def _cli_args(argv: list[str]) -> Any:
     """Parse a command line the chart runs with the real `l3fabric` parser."""
     assert argv[0] == "l3fabric", argv
-    env = {"NODE_NAME": "node-a", "POD_NAME": "gc-0", "POD_NAMESPACE": NAMESPACE}
+    env = {
+        "NODE_NAME": "node-a",
+        "POD_NAME": "gc-0",
+        "POD_NAMESPACE": NAMESPACE,
+        "HOST_IP": "192.0.2.10",
+    }
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in argv[1:]]
     return build_parser().parse_args(expanded)
 
@@ -215,6 +220,9 @@ def test_agent_commands_and_probes_parse_with_the_real_cli(render):
     assert args.socket == "/var/run/l3fabric/agent.sock"
     # No --mtu by default: the pod MTU follows the encapsulation.
     assert (args.mtu, args.metrics_port, args.state_dir) == (None, 9095, "/var/lib/l3fabric")
+    # Unauthenticated metrics stay on the node's loopback unless asked for.
+    assert args.metrics_address == "127.0.0.1"
+    assert "HOST_IP" not in {e["name"] for e in agent["env"]}
     ready = _cli_args(agent["readinessProbe"]["exec"]["command"])
     assert ready.check is True and ready.socket == args.socket
     alive = _cli_args(agent["livenessProbe"]["exec"]["command"])
@@ -281,3 +289,12 @@ def test_readme_values_examples_render(chart):
         values = yaml.safe_load(snippet)
         chart.validate_schema(values)
         assert render_files(chart, values)
+
+
+def test_metrics_on_the_node_address_come_from_the_pod_status(render):
+    spec = _pod_spec(render({**VALUES_SETS["mesh"], "agent": {"metricsAddress": "hostIP"}}),
+                     "DaemonSet")  # fmt: skip
+    (agent,) = spec["containers"]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    assert _cli_args(["l3fabric", *agent["args"]]).metrics_address == "192.0.2.10"

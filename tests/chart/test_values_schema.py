@@ -84,6 +84,10 @@ BAD_VALUES = {
         "at '/bgp/peers/0/passwordSecret': missing property 'key'",
     ),
     "pool name with capitals": (_pool(name="Default"), "at '/ipPools/0/name'"),
+    "metrics address not an address": (
+        {"agent": {"metricsAddress": "0.0.0.0.0"}},
+        "at '/agent/metricsAddress'",
+    ),
     "relative host path": (
         {"agent": {"hostPaths": {"cniBinDir": "opt/cni/bin"}}},
         "at '/agent/hostPaths/cniBinDir'",
