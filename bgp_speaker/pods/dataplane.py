@@ -6,12 +6,14 @@ What one IPv4 pod looks like when attached::
     eth0  10.1.0.5/32  <-------- veth -------> l3f<12 hex>  ee:ee:ee:ee:ee:ee
           169.254.1.1 dev eth0 scope link                   proxy_arp=1, proxy_delay=0
           default via 169.254.1.1 dev eth0                  10.1.0.5 dev l3f.. scope link proto 76
+          neigh 169.254.1.1 ee:ee:ee:ee:ee:ee PERMANENT
 
-169.254.1.1 is configured nowhere. The pod ARPs for it and the host answers with its veth's
-MAC because proxy ARP is on: the kernel proxies a target that the host routes out of a
-*different* interface, so the host must forward (``enable_host_forwarding``) and have a
-route covering 169.254.1.1 (its default route does). ``proxy_delay=0`` makes that answer
-immediate instead of randomly delayed by up to 0.8 s.
+169.254.1.1 is configured nowhere. The pod holds a permanent neighbour entry for it, the host
+veth's fixed MAC, so it never has to ARP for its gateway: the gateway works whatever the
+host's routing table holds (proxy ARP alone answers only for a target the host routes out of
+another interface, so a node without a default route would cut its pods off). Proxy ARP stays
+on, with ``proxy_delay=0``, for pods attached before the neighbour entry existed. The host
+forwards (``enable_host_forwarding``).
 
 IPv6 addresses get ``/128`` (no DAD: the address is ours alone) and a default route via
 ``GATEWAY_V6``, the EUI-64 link-local address the host veth derives from its fixed MAC —
@@ -51,6 +53,7 @@ from typing import Any, TypeVar
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 from pyroute2 import IPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 
 from bgp_speaker.bgp.routes import PROTO_WORKLOAD
 from bgp_speaker.kernel.netns import NetnsUnavailable, open_netns, run_in_netns
@@ -423,6 +426,14 @@ def _configure_pod_side(ifname: str, addresses: tuple[IPNetwork, ...]) -> str:
             ipr.addr(
                 "add", index=link.index, address=str(net.ip), prefixlen=net.prefixlen, flags=flags
             )
+        if any(n.version == 4 for n in addresses):
+            ipr.neigh(
+                "replace",
+                dst=str(GATEWAY),
+                lladdr=HOST_VETH_MAC,
+                ifindex=link.index,
+                state=NUD_PERMANENT,
+            )
         for route in _expected_pod_routes(addresses):
             ipr.route(
                 "add",
@@ -527,6 +538,7 @@ class _PodView:
     link: _Link | None
     addresses: frozenset[IPNetwork]
     routes: frozenset[_Route]  # main-table routes out of the pod interface (no oif/proto)
+    gateway_mac: str | None  # the permanent neighbour entry of GATEWAY, if any
 
 
 def _get_link(ipr: IPRoute, name: str) -> _Link | None:
@@ -605,7 +617,7 @@ def _observe_pod(ifname: str, addresses: tuple[IPNetwork, ...]) -> _PodView:
     with IPRoute() as ipr:
         link = _get_link(ipr, ifname)
         if link is None:
-            return _PodView(None, frozenset(), frozenset())
+            return _PodView(None, frozenset(), frozenset(), None)
         addrs = frozenset(
             IPNetwork(f"{msg.get('IFA_LOCAL') or msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
             for family in families
@@ -617,7 +629,15 @@ def _observe_pod(ifname: str, addresses: tuple[IPNetwork, ...]) -> _PodView:
             for msg in ipr.route("dump", family=family, table=RT_TABLE_MAIN)
             if msg.get("RTA_OIF") == link.index
         )
-        return _PodView(link, addrs, routes)
+        gateway_mac = next(
+            (
+                str(msg.get("NDA_LLADDR"))
+                for msg in ipr.neigh("dump", ifindex=link.index, family=socket.AF_INET)
+                if msg.get("NDA_DST") == str(GATEWAY) and msg["state"] & NUD_PERMANENT
+            ),
+            None,
+        )
+        return _PodView(link, addrs, routes, gateway_mac)
 
 
 def _route_dst(msg: Any) -> IPNetwork:
@@ -678,6 +698,11 @@ def _pod_problems(att: PodAttachment, host: _HostView, pod: _PodView) -> list[st
     for route in _expected_pod_routes(att.addresses):
         if route not in pod.routes:
             problems.append(f"{where}: route missing: {_show_route(route, att.container_ifname)}")
+    if any(n.version == 4 for n in att.addresses) and pod.gateway_mac != HOST_VETH_MAC:
+        problems.append(
+            f"{where}: gateway {GATEWAY} is not a permanent neighbour at {HOST_VETH_MAC} "
+            f"(have {pod.gateway_mac or 'none'})"
+        )
     return problems
 
 

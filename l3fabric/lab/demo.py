@@ -69,8 +69,8 @@ MESH3_CLAB_YML = """\
 # `sw` is a `kind: bridge` node: containerlab expects a host bridge of that name to exist
 # (`ip link add sw type bridge`); `l3fabric lab up` creates it in a namespace of its own.
 # Nodes carry no management network (network-mode: none), exactly as `lab up` realises them,
-# so the fabric link eth1 is every node's uplink and holds its default route (proxy ARP for
-# the pods' gateway 169.254.1.1 needs a route out of another interface than the pod's).
+# so the fabric link eth1 is every node's only link, and no node has a default route (pods
+# reach their gateway 169.254.1.1 through a permanent neighbour entry, not proxy ARP).
 # The `l3fabric.io/*` labels are the node's l3fabric settings; other labels (rack) become
 # labels of its Node record.
 name: mesh3
@@ -91,7 +91,6 @@ topology:
         rack: r1
       exec:
         - ip addr add 10.0.0.11/24 dev eth1
-        - ip route add default dev eth1
     n2:
       kind: linux
       labels:
@@ -100,7 +99,6 @@ topology:
         rack: r1
       exec:
         - ip addr add 10.0.0.12/24 dev eth1
-        - ip route add default dev eth1
     n3:
       kind: linux
       labels:
@@ -109,7 +107,6 @@ topology:
         rack: r2
       exec:
         - ip addr add 10.0.0.13/24 dev eth1
-        - ip route add default dev eth1
   links:
     - endpoints: ["n1:eth1", "sw:eth1"]
     - endpoints: ["n2:eth1", "sw:eth2"]

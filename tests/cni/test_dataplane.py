@@ -1,9 +1,9 @@
 """The pod dataplane against real network namespaces, veths and routes — no mocks.
 
 The "host" is a namespace of its own (``host_netns=``), so the machine's real host
-namespace is never touched: it has an address on lo (10.99.0.1) and an uplink veth pair
-carrying its default route, because proxy ARP for 169.254.1.1 needs the host to route that
-address out of another interface, as a real node's default route does.
+namespace is never touched: it has an address on lo (10.99.0.1) and an uplink veth pair, and
+no default route, as on an isolated fabric: the pods' gateway must not depend on the host's
+routing table.
 Every namespace is created by a fixture and deleted by name in its teardown.
 """
 
@@ -93,7 +93,6 @@ def host(make_netns: Callable[[], str]) -> str:
     sh("ip", "-n", name, "link", "add", "uplink", "type", "veth", "peer", "name", "uplinkpeer")
     sh("ip", "-n", name, "link", "set", "uplink", "up")
     sh("ip", "-n", name, "link", "set", "uplinkpeer", "up")
-    sh("ip", "-n", name, "route", "add", "default", "dev", "uplink")
     dp.enable_host_forwarding(host_netns=ns_path(name))
     return name
 
@@ -199,6 +198,10 @@ def test_attachment_is_configured_exactly(host: str, make_netns) -> None:
         "default via 169.254.1.1 dev eth0 ",
         "169.254.1.1 dev eth0 scope link ",
     ]
+    # The gateway needs no ARP, so no help from the host's routing table.
+    assert [
+        line.strip() for line in sh("ip", "-n", pod, "neigh", "show", "169.254.1.1").splitlines()
+    ] == [f"169.254.1.1 dev eth0 lladdr {dp.HOST_VETH_MAC} PERMANENT"]
     pod_addrs = [(a["local"], a["prefixlen"]) for a in pod_addr_info(pod, "inet")]
     assert pod_addrs == [("10.1.0.5", 32)]
 
@@ -268,6 +271,20 @@ def test_attach_repairs_a_broken_setup(host: str, make_netns) -> None:
     attach(host, pod, "a", "10.1.0.5")
     sh("ip", "-n", pod, "route", "del", "default")
 
+    again = attach(host, pod, "a", "10.1.0.5")
+    assert dp.inspect_pod(again, host_netns=ns_path(host)) == []
+
+
+@root
+def test_a_lost_gateway_neighbour_is_reported_and_repaired(host: str, make_netns) -> None:
+    pod = make_netns()
+    att = attach(host, pod, "a", "10.1.0.5")
+    sh("ip", "-n", pod, "neigh", "del", "169.254.1.1", "dev", "eth0")
+
+    assert dp.inspect_pod(att, host_netns=ns_path(host)) == [
+        f"eth0 in {ns_path(pod)}: gateway 169.254.1.1 is not a permanent neighbour at "
+        f"{dp.HOST_VETH_MAC} (have none)"
+    ]
     again = attach(host, pod, "a", "10.1.0.5")
     assert dp.inspect_pod(again, host_netns=ns_path(host)) == []
 
