@@ -55,6 +55,7 @@ class Overlay:
         self.policy: EncapPolicy | None = None
         self.healthy = True
         self._errors: dict[str, str] = {}
+        self._logged_pod_mtu: int | None = None
 
     @property
     def available(self) -> frozenset[Encap]:
@@ -92,7 +93,16 @@ class Overlay:
         status: TunnelStatus = self.tunnels.status
         if self.policy is None or status.underlay_mtu is None:
             return None
-        return pod_mtu(status.underlay_mtu, self.policy)
+        mtu = pod_mtu(status.underlay_mtu, self.policy)
+        if mtu != self._logged_pod_mtu:
+            self._logged_pod_mtu = mtu
+            log.info(
+                "pod MTU",
+                extra={"op": "overlay", "mtu": mtu, "underlay_mtu": status.underlay_mtu,
+                       "source": status.underlay_source,
+                       "encapsulation": ",".join(sorted(map(str, self.policy.wanted)))},
+            )  # fmt: skip
+        return mtu
 
     def status(self) -> dict[str, Any]:
         policy = self.policy

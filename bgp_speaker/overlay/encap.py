@@ -41,6 +41,8 @@ from ipam_blocks.model import EncapMode, IPPool
 __all__ = [
     "IPIP_DEVICE",
     "IPIP_OVERHEAD",
+    "MAX_POD_MTU",
+    "MIN_POD_MTU",
     "TUNNEL_DEVICES",
     "VXLAN_DEVICE",
     "VXLAN_OVERHEAD",
@@ -63,6 +65,8 @@ VXLAN_DEVICE = "vxlan.l3f"
 TUNNEL_DEVICES = frozenset({IPIP_DEVICE, VXLAN_DEVICE})
 IPIP_OVERHEAD = 20  # outer IPv4 header
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN headers + inner Ethernet header
+# Pod MTUs stay between IPv6's minimum link MTU and the largest jumbo frame fabrics carry.
+MIN_POD_MTU, MAX_POD_MTU = 1280, 9000
 VTEP_MAC_PREFIX = (0x0E, 0x4C)  # locally administered, unicast; "L" for l3fabric
 
 
@@ -218,8 +222,10 @@ def tunnel_mtu(underlay_mtu: int, kind: Encap) -> int:
 def pod_mtu(underlay_mtu: int, policy: EncapPolicy) -> int:
     """The pod interface MTU when the CNI config sets none: the underlay's, less the largest
     overhead of the encapsulations some pool uses (1480 for IPIP, 1450 for VXLAN on 1500),
-    so encapsulated pod packets still fit the underlay unfragmented."""
-    return min((tunnel_mtu(underlay_mtu, k) for k in policy.wanted), default=underlay_mtu)
+    so encapsulated pod packets still fit the underlay unfragmented; within
+    [MIN_POD_MTU, MAX_POD_MTU] whatever the underlay device says (a loopback's 65536, say)."""
+    mtu = min((tunnel_mtu(underlay_mtu, k) for k in policy.wanted), default=underlay_mtu)
+    return max(MIN_POD_MTU, min(MAX_POD_MTU, mtu))
 
 
 def ipip_tunnel_handle(node: str) -> str:

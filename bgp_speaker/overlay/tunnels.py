@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,7 @@ from typing import Any
 
 from netaddr import IPNetwork
 from pyroute2 import IPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_LOOPBACK
 
 from bgp_speaker.bgp.routes import IPNet, KernelRoute
 from bgp_speaker.kernel.fib import ManagedFib
@@ -67,6 +69,7 @@ __all__ = ["EncapFib", "TunnelError", "TunnelStatus", "Tunnels"]
 log = logging.getLogger("l3fabric.agent.tunnels")
 
 DEFAULT_UNDERLAY_MTU = 1500
+RT_TABLE_MAIN = 254
 TUNNEL_ADDRESS_RECHECK = 300.0  # seconds between store reads of an unchanged tunnel address
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
@@ -87,6 +90,8 @@ class TunnelStatus:
     unavailable: Mapping[str, str] = field(default_factory=dict)
     """Wanted encapsulations this node cannot provide, with the reason."""
     underlay_mtu: int | None = None
+    underlay_source: str = ""
+    """Which device the underlay MTU was read from, and why that one."""
     devices: Mapping[str, int] = field(default_factory=dict)
     """Our tunnel devices that exist, with their MTU."""
     ipip_address: str | None = None
@@ -96,6 +101,7 @@ class TunnelStatus:
             "available": sorted(str(e) for e in self.available),
             "unavailable": dict(self.unavailable),
             "underlay_mtu": self.underlay_mtu,
+            "underlay_source": self.underlay_source,
             "devices": dict(self.devices),
             "ipip_address": self.ipip_address,
         }
@@ -147,8 +153,8 @@ class Tunnels:
         node = policy.node_address
         with IPRoute() as ipr:
             before = _indexes(ipr)
-            underlay = _underlay_mtu(ipr, node)
-            mtu = underlay or DEFAULT_UNDERLAY_MTU
+            underlay = _underlay(ipr, node)
+            mtu = underlay[0] if underlay else DEFAULT_UNDERLAY_MTU
             available: set[Encap] = set()
             unavailable: dict[str, str] = {}
             devices: dict[str, int] = {}
@@ -180,7 +186,8 @@ class Tunnels:
         return TunnelStatus(
             available=frozenset(available),
             unavailable=unavailable,
-            underlay_mtu=underlay,
+            underlay_mtu=underlay[0] if underlay else None,
+            underlay_source=underlay[1] if underlay else "",
             devices=devices,
             ipip_address=self.status.ipip_address if Encap.IPIP in available else None,
         )
@@ -299,12 +306,26 @@ def _kind(link: Any) -> str | None:
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
-def _underlay_mtu(ipr: IPRoute, node: IPv4Interface | None) -> int | None:
+def _underlay(ipr: IPRoute, node: IPv4Interface | None) -> tuple[int, str] | None:
+    """(MTU, which device and why) of the device that carries traffic to the peers: the one
+    holding the node's address, unless that is a loopback (a node address on ``lo``, reached
+    through the uplink), then the device of the default route; None when neither says."""
     if node is None:
         return None
-    for addr in ipr.get_addr(family=2):
+    for addr in ipr.get_addr(family=socket.AF_INET):
         if addr.get_attr("IFA_ADDRESS") == str(node.ip):
-            return ipr.get_links(addr["index"])[0].get_attr("IFLA_MTU")
+            link = ipr.get_links(addr["index"])[0]
+            if not link["flags"] & IFF_LOOPBACK:
+                name = link.get_attr("IFLA_IFNAME")
+                return link.get_attr("IFLA_MTU"), f"{name}, the node address's device"
+    for route in ipr.get_default_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        hops = route.get_attr("RTA_MULTIPATH") or [route]
+        oifs = [h.get_attr("RTA_OIF") if h is route else h["oif"] for h in hops]
+        links = [ipr.get_links(oif)[0] for oif in oifs if oif]
+        if links:
+            link = min(links, key=lambda each: each.get_attr("IFLA_MTU"))
+            name = link.get_attr("IFLA_IFNAME")
+            return link.get_attr("IFLA_MTU"), f"{name}, the default route's device"
     return None
 
 

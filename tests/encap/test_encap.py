@@ -135,6 +135,12 @@ def test_mtus_follow_the_encapsulation() -> None:
     assert pod_mtu(1500, both) == 1450  # the largest overhead wins
 
 
+def test_pod_mtus_stay_within_what_links_and_ipv6_allow() -> None:
+    assert pod_mtu(65536, policy()) == 9000  # a loopback's MTU is no pod MTU
+    assert pod_mtu(1300, policy(vxlan="Always")) == 1280
+    assert pod_mtu(9000, policy()) == 9000 and pod_mtu(1280, policy()) == 1280
+
+
 def test_vxlan_vni_and_port_come_from_the_bgp_configuration() -> None:
     assert (parse_bgp_config(None).vxlan_vni, parse_bgp_config(None).vxlan_port) == (4096, 4789)
     cfg = parse_bgp_config(Resource("BGPConfiguration", "default",

@@ -17,6 +17,7 @@ import pytest
 
 from bgp_speaker.bgp.routes import KernelRoute, NextHop
 from bgp_speaker.kernel.fib import Fib
+from bgp_speaker.overlay.dataplane import Overlay
 from bgp_speaker.overlay.encap import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -68,6 +69,21 @@ def netns() -> Iterator[str]:
     try:
         sh("ip", "-n", ns, "link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "eth2")
         sh("ip", "-n", ns, "addr", "add", str(NODE), "dev", "eth1")
+        for dev in ("eth1", "eth2", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield ns
+    finally:
+        sh("ip", "netns", "del", ns)
+
+
+@pytest.fixture
+def loopback_node_netns() -> Iterator[str]:
+    """The node's address on lo (as /32, BGP-unnumbered style), its traffic out of eth1."""
+    ns = f"l3t-lo-{os.getpid()}-{next(_names)}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "eth2")
+        sh("ip", "-n", ns, "addr", "add", f"{NODE.ip}/32", "dev", "lo")
         for dev in ("eth1", "eth2", "lo"):
             sh("ip", "-n", ns, "link", "set", dev, "up")
         yield ns
@@ -193,3 +209,23 @@ def test_nat_rules_are_levelled_and_repaired(netns: str) -> None:
     assert nat.reconcile((PoolEncap(POOL, "default"),)) is True  # natOutgoing off: removed
     ruleset = nft(netns, "list", "ruleset")
     assert "l3fabric" not in ruleset and "table ip operator" in ruleset
+
+
+def test_a_node_address_on_lo_takes_the_mtu_of_the_device_traffic_leaves_by(
+    loopback_node_netns: str,
+) -> None:
+    ns = loopback_node_netns
+    overlay = Overlay(Tunnels("n1", ns))
+    # No default route: nothing says which device carries traffic, so no MTU is guessed
+    # (the agent then uses --mtu or its default); never lo's 65536.
+    overlay.reconcile(policy())
+    assert overlay.tunnels.status.underlay_mtu is None and overlay.pod_mtu() is None
+
+    sh("ip", "-n", ns, "route", "add", "default", "dev", "eth1")
+    overlay.reconcile(policy(vxlan="Always"))
+    status = overlay.tunnels.status
+    assert (status.underlay_mtu, status.underlay_source) == (
+        1400,
+        "eth1, the default route's device",
+    )
+    assert overlay.pod_mtu() == 1350
