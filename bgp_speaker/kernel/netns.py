@@ -55,9 +55,12 @@ class NetnsUnavailable(Exception):
 
 @contextmanager
 def open_netns(path: str) -> Iterator[int]:
-    """Open ``path`` read-only, check it is a network namespace, yield the fd, close it."""
+    """Open ``path`` read-only, check it is a network namespace, yield the fd, close it.
+
+    Opened non-blocking: a FIFO (or any other special file) given as a namespace would
+    otherwise block the opening thread until somebody writes to it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError as err:
         raise NetnsUnavailable(path, "does not exist") from err
     except OSError as err:

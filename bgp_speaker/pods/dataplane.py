@@ -153,6 +153,7 @@ def attach_pod(
     _validate_mtu(mtu, nets)
     wanted = PodAttachment(host_ifname, container_ifname, netns, "", nets, mtu)
     with _lock_for(host_ifname), _pod_netns(netns) as pod_fd, _host_ns(host_netns) as host_fd:
+        _refuse_the_host_netns(netns, pod_fd, host_fd)
         return run_in_netns(host_fd, lambda: _attach_in_host(wanted, pod_fd))
 
 
@@ -250,6 +251,15 @@ def _pod_netns(path: str) -> Iterator[int]:
             yield fd
     except NetnsUnavailable as err:
         raise NetnsNotFound(str(err)) from err
+
+
+def _refuse_the_host_netns(netns: str, pod_fd: int, host_fd: int | None) -> None:
+    # The pod's end would land among the host's interfaces, its default route would replace
+    # the host's: never "attach" the host to itself.
+    pod = os.fstat(pod_fd)
+    host = os.fstat(host_fd) if host_fd is not None else os.stat("/proc/thread-self/ns/net")
+    if (pod.st_dev, pod.st_ino) == (host.st_dev, host.st_ino):
+        raise InvalidAttachment("CNI_NETNS", f"{netns} is the host's network namespace")
 
 
 @contextmanager

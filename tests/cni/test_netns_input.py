@@ -1,0 +1,71 @@
+"""CNI_NETNS paths that are no pod network namespace, through the real plugin and agent: each
+gets a clean CNI error at once, leaves nothing behind, and never stalls other pods."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cni import errors
+from tests.agent.harness import NodeHarness
+from tests.cni.runtime import Container
+
+pytestmark = pytest.mark.root
+
+WORKERS = 8  # the agent's default --workers: this many stuck calls would stall every pod
+QUICK = 10.0  # seconds: far below the shim's own 60 s timeout
+
+
+def assert_refused(run, code: int, *words: str) -> None:
+    assert run.returncode != 0, run
+    err = run.json()
+    assert err["code"] == code, err
+    text = f"{err['msg']} {err['details']}"
+    assert all(word in text for word in words), err
+
+
+def test_a_fifo_as_netns_is_refused_at_once_and_stalls_nobody(
+    node: NodeHarness, agent, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "not-a-netns"
+    os.mkfifo(fifo)
+    calls = [Container(f"ctr-fifo-{i}", str(fifo), pod=f"fifo-{i}") for i in range(WORKERS + 2)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(calls)) as pool:
+        runs = list(pool.map(lambda c: node.cni("ADD", c), calls))
+    assert time.monotonic() - started < QUICK
+    for run in runs:
+        assert_refused(run, errors.NETNS_NOT_FOUND, "not a namespace")
+
+    # The agent's workers are all free: a real pod still gets its address at once.
+    started = time.monotonic()
+    node.add(node.new_pod("after-fifo"))
+    assert time.monotonic() - started < QUICK
+    for c in calls:
+        node.delete(c)
+
+
+@pytest.mark.parametrize("kind", ["regular file", "directory", "/dev/null"])
+def test_other_non_namespace_paths_are_refused(
+    node: NodeHarness, agent, tmp_path: Path, kind: str
+) -> None:
+    path = {"regular file": tmp_path / "file", "directory": tmp_path, "/dev/null": None}[kind]
+    if kind == "regular file":
+        path.write_text("")  # type: ignore[union-attr]
+    c = Container("ctr-odd", str(path or "/dev/null"), pod="odd")
+    assert_refused(node.cni("ADD", c), errors.NETNS_NOT_FOUND)
+    node.delete(c)
+    node.assert_nothing_left()
+
+
+def test_the_host_network_namespace_is_refused(node: NodeHarness, agent) -> None:
+    c = Container("ctr-host", node.host_netns_path, pod="host")
+    interfaces_before = node.host_veths()
+    assert_refused(node.cni("ADD", c), errors.INVALID_CONFIG, "CNI_NETNS", "host")
+    assert node.host_veths() == interfaces_before
+    node.delete(c)
+    node.assert_nothing_left()
