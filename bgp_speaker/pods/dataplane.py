@@ -168,7 +168,7 @@ def detach_pod(
     with _lock_for(host_ifname), _host_ns(host_netns) as host_fd:
         removed = run_in_netns(host_fd, lambda: _delete_host_veth(host_ifname))
         if not removed and netns is not None:
-            _delete_leftover_pod_veth(netns, container_ifname)
+            _delete_leftover_pod_veth(netns, container_ifname, host_fd)
 
 
 def inspect_pod(att: PodAttachment, *, host_netns: str | None = None) -> list[str]:
@@ -253,12 +253,18 @@ def _pod_netns(path: str) -> Iterator[int]:
         raise NetnsNotFound(str(err)) from err
 
 
+def _is_host_side(pod_fd: int, host_fd: int | None) -> bool:
+    """Whether a "pod" namespace is the host's or the agent's own (the same in production)."""
+    pod = os.fstat(pod_fd)
+    own = os.stat("/proc/thread-self/ns/net")
+    host = os.fstat(host_fd) if host_fd is not None else own
+    return any((pod.st_dev, pod.st_ino) == (ns.st_dev, ns.st_ino) for ns in (host, own))
+
+
 def _refuse_the_host_netns(netns: str, pod_fd: int, host_fd: int | None) -> None:
     # The pod's end would land among the host's interfaces, its default route would replace
     # the host's: never "attach" the host to itself.
-    pod = os.fstat(pod_fd)
-    host = os.fstat(host_fd) if host_fd is not None else os.stat("/proc/thread-self/ns/net")
-    if (pod.st_dev, pod.st_ino) == (host.st_dev, host.st_ino):
+    if _is_host_side(pod_fd, host_fd):
         raise InvalidAttachment("CNI_NETNS", f"{netns} is the host's network namespace")
 
 
@@ -485,12 +491,14 @@ def _delete_host_veth(host_ifname: str) -> bool:
         return _delete_link(ipr, link)
 
 
-def _delete_leftover_pod_veth(netns: str, container_ifname: str) -> None:
+def _delete_leftover_pod_veth(netns: str, container_ifname: str, host_fd: int | None) -> None:
     # No host veth by that name; a pod-side veth left over from an older naming scheme
-    # would keep its host end alive, so remove it from inside the pod if it is there.
+    # would keep its host end alive, so remove it from inside the pod if it is there. A DEL
+    # naming the host's namespace has no pod end there: the host's own veths stay.
     try:
         with open_netns(netns) as pod_fd:
-            run_in_netns(pod_fd, lambda: _delete_pod_veth(container_ifname))
+            if not _is_host_side(pod_fd, host_fd):
+                run_in_netns(pod_fd, lambda: _delete_pod_veth(container_ifname))
     except NetnsUnavailable:
         return  # the namespace is gone and took its end of the pair with it
 

@@ -62,10 +62,23 @@ def test_other_non_namespace_paths_are_refused(
     node.assert_nothing_left()
 
 
-def test_the_host_network_namespace_is_refused(node: NodeHarness, agent) -> None:
-    c = Container("ctr-host", node.host_netns_path, pod="host")
-    interfaces_before = node.host_veths()
+@pytest.mark.parametrize("which", ["the host's", "the agent's own"])
+def test_the_host_network_namespace_is_refused(node: NodeHarness, agent, which: str) -> None:
+    # The agent runs in the test's namespace, the host side is a namespace of the harness:
+    # in production both are the node's; either must be refused.
+    netns = node.host_netns_path if which == "the host's" else f"/proc/{agent.proc.pid}/ns/net"
+    c = Container("ctr-host", netns, pod="host")
     assert_refused(node.cni("ADD", c), errors.INVALID_CONFIG, "CNI_NETNS", "host")
-    assert node.host_veths() == interfaces_before
     node.delete(c)
+    node.assert_nothing_left()
+
+
+def test_del_naming_the_host_namespace_leaves_the_host_veths(node: NodeHarness, agent) -> None:
+    pod = node.new_pod("keeps")
+    node.add(pod)
+    (victim,) = node.host_veths()
+    # A DEL that names the host's namespace and one of its veths as the pod's interface.
+    node.delete(Container("ctr-other", node.host_netns_path, ifname=victim, pod="other"))
+    assert node.host_veths() == [victim]
+    node.delete(pod)
     node.assert_nothing_left()
