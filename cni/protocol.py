@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET = "/var/run/l3fabric/agent.sock"
 MAX_LINE = 4 << 20
 """Longest request or response line accepted (a GC request lists every attachment)."""
+MAX_DEPTH = 128
+"""Deepest nesting of arrays and objects accepted. Real configurations nest a handful of
+levels; the limit is far below the interpreter's recursion limit, so every reader (the
+shim, the agent inside its event loop) refuses the same documents, with a decode error."""
 _JSON_WHITESPACE = " \t\n\r"
 
 
@@ -80,20 +84,53 @@ def dumps(obj: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    """`json.loads`; raises ValueError (a `json.JSONDecodeError`) on malformed input."""
+    """`json.loads` of UTF-8 text nested at most MAX_DEPTH levels; ValueError otherwise."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8", "surrogateescape")
+        try:
+            text = text.decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"not valid UTF-8: byte {e.object[e.start]:#04x} at position {e.start}"
+            ) from None
+    value = _parse(text)
+    if not _depth_at_most(value, MAX_DEPTH):
+        raise ValueError(_too_deep())
+    return value
+
+
+def _parse(text: str) -> Any:
     if _scan is not None:
         stripped = text.strip(_JSON_WHITESPACE)
         try:
             value, end = _scan(stripped, 0)
             if end == len(stripped):
                 return value
-        except (StopIteration, ValueError, SystemError, RecursionError):
+        except RecursionError:
+            raise ValueError(_too_deep()) from None
+        except (StopIteration, ValueError, SystemError):
             pass  # json.loads below says what is wrong
     import json
 
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+
+
+def _too_deep() -> str:
+    return f"JSON nested more than {MAX_DEPTH} levels deep"
+
+
+def _depth_at_most(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest at most `limit` levels (iterative: no recursion)."""
+    todo = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while todo:
+        item, depth = todo.pop()
+        if depth > limit:
+            return False
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True
 
 
 # --- framing -----------------------------------------------------------------------------------
@@ -151,6 +188,14 @@ def call(socket_path: str, op: str, args: dict[str, Any], timeout: float = 60.0)
     Uses `_socket` rather than `socket`: the latter imports selectors and builds enums, an
     extra ~8 ms of start-up for every CNI call.
     """
+    request = encode_request(op, args)
+    if len(request) > MAX_LINE:
+        # Permanent, so never "agent unreachable" (which the runtime retries).
+        raise CniError(
+            INVALID_CONFIG,
+            "request too large",
+            f"{len(request)} bytes; the agent accepts at most {MAX_LINE}",
+        )
     import _socket
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -161,7 +206,11 @@ def call(socket_path: str, op: str, args: dict[str, Any], timeout: float = 60.0)
         except OSError as e:
             raise AgentUnreachable(f"cannot connect to {socket_path}: {e.strerror or e}") from None
         try:
-            sock.sendall(encode_request(op, args))
+            # (No contextlib.suppress: importing contextlib costs the shim start-up time.)
+            try:  # noqa: SIM105
+                sock.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent stops reading a request it refuses: its answer says why
             line = _read_line(sock)
         except TimeoutError:
             raise AgentUnreachable(f"no answer from {socket_path} in {timeout:g} s") from None

@@ -15,7 +15,7 @@ from cni.protocol import DEFAULT_SOCKET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
@@ -36,6 +36,7 @@ VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 IPAM_TYPE = "l3fabric"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _IFNAME_FORBIDDEN = frozenset("/: \t\n\r\v\f")
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one NUL
 
 
 class NetConf:
@@ -71,7 +72,16 @@ class NetConf:
 class CniRequest:
     """One CNI call: the command, its environment and the configuration."""
 
-    __slots__ = ("args", "command", "config", "container_id", "ifname", "netns", "path")
+    __slots__ = (
+        "args",
+        "command",
+        "config",
+        "container_id",
+        "ifname",
+        "ignored",
+        "netns",
+        "path",
+    )
 
     def __init__(
         self,
@@ -82,6 +92,7 @@ class CniRequest:
         args: dict[str, str],
         path: str,
         config: NetConf,
+        ignored: tuple[str, ...] = (),
     ) -> None:
         self.command = command
         self.container_id = container_id
@@ -90,6 +101,8 @@ class CniRequest:
         self.args = args
         self.path = path
         self.config = config
+        self.ignored = ignored
+        """DEL only: the invalid values left out (as blanks), each as "VARIABLE: why"."""
 
     @property
     def pod_namespace(self) -> str:
@@ -136,41 +149,48 @@ def parse_request(env: Mapping[str, str], config: Any) -> CniRequest:
         raise _invalid("prevResult", "CHECK needs the result of ADD in prevResult")
     if command == "GC" and conf.valid_attachments is None:
         raise _invalid(VALID_ATTACHMENTS, "GC needs the list of valid attachments")
-    container_id = env.get("CNI_CONTAINERID", "")
-    if container_id and not _is_name(container_id):
-        raise CniError(
-            INVALID_ENV,
-            f"CNI_CONTAINERID: invalid container ID {container_id!r}",
-            "letters, digits, '_', '.' and '-', starting with a letter or digit",
-        )
-    ifname = env.get("CNI_IFNAME", "")
-    if ifname and not _is_ifname(ifname):
-        raise CniError(
-            INVALID_ENV,
-            f"CNI_IFNAME: invalid interface name {ifname!r}",
-            "1-15 characters, no '/', ':' or whitespace, not '.' or '..'",
-        )
+    # DEL must be able to succeed (the runtime retries a failed DEL forever), and what ADD
+    # refuses it never attached: on DEL an invalid value is left out, and the attachment is
+    # found by what remains (no container ID: nothing to delete).
+    problems: list[CniError] = []
+    report = problems.append if command == "DEL" else _raise
+    container_id = _checked_env(env, "CNI_CONTAINERID", _container_id_problem, report)
+    ifname = _checked_env(env, "CNI_IFNAME", _ifname_problem, report)
+    netns = _checked_env(env, "CNI_NETNS", _netns_problem, report)
+    args = parse_cni_args(env.get("CNI_ARGS", ""), report)
     return CniRequest(
         command=command,
         container_id=container_id,
-        netns=env.get("CNI_NETNS", ""),
+        netns=netns,
         ifname=ifname,
-        args=parse_cni_args(env.get("CNI_ARGS", "")),
+        args=args,
         path=env.get("CNI_PATH", ""),
         config=conf,
+        ignored=tuple(err.msg for err in problems),
     )
 
 
-def parse_cni_args(text: str) -> dict[str, str]:
-    """CNI_ARGS: `K1=V1;K2=V2` (empty pairs tolerated, as libcni produces none)."""
+def parse_cni_args(text: str, report: Callable[[CniError], None] | None = None) -> dict[str, str]:
+    """CNI_ARGS: `K1=V1;K2=V2` (empty pairs tolerated, as libcni produces none). An invalid
+    pair raises, or with `report` is passed to it and left out."""
     args: dict[str, str] = {}
     for pair in text.split(";"):
         if not pair:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CniError(INVALID_ENV, f"CNI_ARGS: invalid pair {pair!r}", "expected KEY=VALUE")
-        args[key] = value
+            err = CniError(INVALID_ENV, f"CNI_ARGS: invalid pair {pair!r}", "expected KEY=VALUE")
+        elif _undecodable(key) or _undecodable(value):
+            err = CniError(
+                INVALID_ENV,
+                f"CNI_ARGS: {key!r} is not valid UTF-8" if _undecodable(key)
+                else f"CNI_ARGS: the value of {key} is not valid UTF-8",
+                repr(pair),
+            )  # fmt: skip
+        else:
+            args[key] = value
+            continue
+        (report or _raise)(err)
     return args
 
 
@@ -206,12 +226,69 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+def _raise(err: CniError) -> None:
+    raise err
+
+
+def _checked_env(
+    env: Mapping[str, str],
+    var: str,
+    problem: Callable[[str], str | None],
+    report: Callable[[CniError], None],
+) -> str:
+    """The value of `var`, or "" after reporting why it is unusable."""
+    value = env.get(var, "")
+    if not value:
+        return ""
+    why = "not valid UTF-8" if _undecodable(value) else problem(value)
+    if why is None:
+        return value
+    report(CniError(INVALID_ENV, f"{var}: {why}", repr(value)))
+    return ""
+
+
+def _undecodable(value: str) -> bool:
+    """Whether `value` holds bytes that were not UTF-8 (decoded as lone surrogates)."""
+    if value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _container_id_problem(value: str) -> str | None:
+    if _is_name(value):
+        return None
+    return (
+        "invalid container ID: letters, digits, '_', '.' and '-', starting with a letter or digit"
+    )
+
+
+def _ifname_problem(value: str) -> str | None:
+    if _is_ifname(value):
+        return None
+    return (
+        "invalid interface name: 1-15 bytes, printable, no '/', ':' or whitespace, not '.' or '..'"
+    )
+
+
+def _netns_problem(value: str) -> str | None:
+    return None if value.isprintable() else "invalid path: control characters"
+
+
 def _is_name(value: str) -> bool:
     return value[:1].isalnum() and value.isascii() and set(value) <= _NAME_CHARS
 
 
 def _is_ifname(value: str) -> bool:
-    return len(value) <= 15 and value not in (".", "..") and not set(value) & _IFNAME_FORBIDDEN
+    return (
+        len(value.encode()) <= 15  # IFNAMSIZ - 1, in bytes
+        and value.isprintable()
+        and value not in (".", "..")
+        and not set(value) & _IFNAME_FORBIDDEN
+    )
 
 
 def _network_name(value: Any) -> str:
@@ -239,6 +316,10 @@ def _socket_path(value: Any) -> str:
         return DEFAULT_SOCKET
     if not isinstance(value, str) or not value.startswith("/"):
         raise _invalid("socket", f"expected an absolute path, got {value!r}")
+    if _undecodable(value) or not value.isprintable():
+        raise _invalid("socket", f"{value!r}: control characters or invalid Unicode")
+    if len(value.encode()) > _MAX_SOCKET_PATH:
+        raise _invalid("socket", f"{value!r}: longer than {_MAX_SOCKET_PATH} bytes")
     return value
 
 
@@ -255,8 +336,10 @@ def _pools(ipam: Any) -> tuple[str, ...]:
     pools = ipam.get("pools")
     if pools is None:
         return ()
-    if not isinstance(pools, list) or not all(isinstance(p, str) and p for p in pools):
-        raise _invalid("ipam.pools", "expected a list of pool names")
+    if not isinstance(pools, list) or not all(isinstance(p, str) and _is_name(p) for p in pools):
+        raise _invalid(
+            "ipam.pools", "expected a list of pool names (letters, digits, '_', '.' and '-')"
+        )
     return tuple(pools)
 
 

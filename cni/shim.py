@@ -14,8 +14,15 @@ from __future__ import annotations
 import posix  # not `os`: that imports _collections_abc and posixpath, ~1 ms per call
 import sys
 
-from cni.errors import NOT_AVAILABLE, TRY_AGAIN_LATER, UNDECODABLE_CONFIG, CniError
-from cni.protocol import AgentUnreachable, call, dumps, loads
+from cni.errors import (
+    INTERNAL_ERROR,
+    INVALID_CONFIG,
+    NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+    UNDECODABLE_CONFIG,
+    CniError,
+)
+from cni.protocol import MAX_LINE, AgentUnreachable, call, dumps, loads
 from cni.request import (
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
@@ -51,10 +58,15 @@ def main() -> int:
         if command == "VERSION":
             _print({"cniVersion": LATEST_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)})
             return 0
-        config = _decode_config(sys.stdin.buffer.read())
+        config = _decode_config(_read_config())
         result = run(env, config)
     except CniError as err:
         _print({"cniVersion": cni_version_of(config), **err.to_dict()})
+        return 1
+    except Exception as err:  # a bug here must still answer the runtime in the CNI format
+        details = f"{type(err).__name__}: {err}"
+        _print({"cniVersion": cni_version_of(config), "code": INTERNAL_ERROR,
+                "msg": "l3fabric CNI plugin failed", "details": details})  # fmt: skip
         return 1
     if result is not None:
         _print(result)
@@ -86,10 +98,22 @@ def cni_environ() -> dict[str, str]:
     }
 
 
+def _read_config() -> bytes:
+    """stdin, refused unread past the agent's limit (the request that carries it is larger)."""
+    data = sys.stdin.buffer.read(MAX_LINE + 1)
+    if len(data) > MAX_LINE:
+        raise CniError(
+            INVALID_CONFIG,
+            "network configuration too large",
+            f"over {MAX_LINE} bytes on stdin; the agent accepts at most {MAX_LINE}",
+        )
+    return data
+
+
 def _decode_config(data: bytes) -> Any:
     try:
         return loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except ValueError as err:
         raise CniError(
             UNDECODABLE_CONFIG, "cannot decode the network configuration (stdin)", str(err)
         ) from None

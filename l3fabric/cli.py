@@ -25,7 +25,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ipam_blocks.errors import InvalidInput, L3FabricError, StoreUnavailable
 from ipam_blocks.store import DEFAULT_STORE_URL, STORE_ENV
@@ -92,13 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _KeyValueFormatter(logging.Formatter):
-    """Appends the structured `extra` keys (op, node, block, ...) as key=value pairs."""
+    """Appends the structured `extra` keys (op, node, block, ...) as key=value pairs.
+
+    One record is one line whatever its fields hold (pod names come from CNI_ARGS): the
+    message has its control characters escaped, a value with spaces, '=', '"' or control
+    characters is quoted and escaped, and traceback lines are indented so that none of
+    them can pass for a record of its own.
+    """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
         extras = sorted((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
-        return super().format(record) + "".join(f" {k}={v}" for k, v in extras)
+        return super().format(record) + "".join(f" {k}={_log_value(v)}" for k, v in extras)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_controls(text: str) -> str:
+    """`text` with every non-printable character (newlines, lone surrogates, ...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _CONTROL_ESCAPES.get(c) or repr(c)[1:-1] for c in text)
+
+
+def _log_value(value: object) -> str:
+    text = str(value)
+    if text.isprintable() and not any(c in text for c in ' ="'):
+        return text
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{_escape_controls(quoted)}"'
+
+
+def _indented(text: str) -> str:
+    return "\n".join(f"  {_escape_controls(line)}" for line in text.splitlines())
 
 
 _log_handler = logging.StreamHandler()  # stderr

@@ -84,9 +84,11 @@ class ApiServer:
                 except asyncio.IncompleteReadError:
                     break  # client closed (possibly mid-line: nothing to answer)
                 except asyncio.LimitOverrunError:
-                    err = CniError(INVALID_CONFIG, "request too long", f"over {MAX_LINE} bytes")
+                    err = CniError(INVALID_CONFIG, "request too large", f"over {MAX_LINE} bytes")
+                    _log_refused(err)
                     writer.write(encode_error(err))
-                    break
+                    await writer.drain()
+                    break  # the client reads this answer even though its write is cut short
                 writer.write(await self._answer(line))
                 await writer.drain()
         except ConnectionError:
@@ -101,7 +103,11 @@ class ApiServer:
         self._running += 1
         self._idle.clear()
         try:
-            op, args = decode_request(line)
+            try:
+                op, args = decode_request(line)
+            except CniError as err:
+                _log_refused(err)
+                raise
             fn = self.ops.get(op)
             if fn is None:
                 raise CniError(INVALID_CONFIG, f"unknown op {op!r}", f"ops: {sorted(self.ops)}")
@@ -122,6 +128,11 @@ class ApiServer:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
+
+
+def _log_refused(err: CniError) -> None:
+    """One line for a request that could not be read (never its content or a traceback)."""
+    log.warning("refused a request", extra={"op": "api", "code": err.code, "reason": str(err)})
 
 
 def _bind_private(path: Path) -> socket.socket:

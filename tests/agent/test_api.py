@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from bgp_speaker.agent.api import ApiServer, SocketInUse
-from cni import errors
+from cni import errors, protocol
 from cni.errors import CniError
-from cni.protocol import AgentUnreachable, call, encode_request
+from cni.protocol import MAX_LINE, AgentUnreachable, call, encode_request
 
 
 def make_ops(release: threading.Event) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -124,3 +124,28 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     path.write_text("not a socket")
     with pytest.raises(SocketInUse):
         asyncio.run(ApiServer(path, {}, workers=1).start())
+
+
+def test_deep_or_oversized_frames_are_refused_in_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nesting past the interpreter's recursion limit is a decode error (6), not an op bug
+    (199 with a traceback); a frame over the limit gets its answer (7) though the agent
+    stops reading it."""
+
+    async def scenario(server: ApiServer, path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"op": "echo", "args": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}\n")
+        answer = await reader.readline()
+        assert b'"code":6' in answer and b"nested" in answer, answer
+        writer.close()
+        monkeypatch.setattr(protocol, "MAX_LINE", 16 * protocol.MAX_LINE)
+        with pytest.raises(CniError) as err:
+            await request(path, "echo", {"pad": "P" * (2 * MAX_LINE)})
+        assert err.value.code == errors.INVALID_CONFIG and "too large" in err.value.msg
+
+    with caplog.at_level("WARNING", logger="l3fabric.agent.api"):
+        serve(tmp_path, scenario)
+    refused = [r for r in caplog.records if r.getMessage() == "refused a request"]
+    assert [r.code for r in refused] == [errors.UNDECODABLE_CONFIG, errors.INVALID_CONFIG]  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.exc_info]
