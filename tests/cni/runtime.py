@@ -143,3 +143,17 @@ class ConflistRuntime:
     def delete(self, c: Container, result: Any = None) -> None:
         for plugin in reversed(self.conflist["plugins"]):
             self._run(plugin, "DEL", c, result)
+
+
+def assert_cni_error(run: PluginRun, code: int, *words: str) -> dict[str, Any]:
+    """The plugin failed as the spec says: exit 1, one error object on stdout with `code`,
+    whose msg or details name every one of `words`, and no traceback."""
+    assert run.returncode == 1, run
+    assert b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
+    err = json.loads(run.stdout)
+    assert set(err) == {"cniVersion", "code", "msg", "details"}, err
+    assert err["code"] == code, err
+    text = f"{err['msg']} {err['details']}"
+    for word in words:
+        assert word in text, err
+    return err

@@ -17,7 +17,7 @@ from cni import errors, protocol
 from cni.errors import CniError
 from cni.protocol import MAX_LINE, call
 from tests.agent.harness import AgentProcess, NodeHarness, node_harness
-from tests.cni.runtime import PluginRun
+from tests.cni.runtime import PluginRun, assert_cni_error
 
 pytestmark = pytest.mark.root
 _counter = iter(range(1_000_000))
@@ -29,18 +29,6 @@ def node(tmp_path: Path) -> Iterator[NodeHarness]:
         pytest.skip("needs root: network namespaces")
     with node_harness(tmp_path, prefix=f"h15c{os.getpid() % 10000}x{next(_counter)}") as harness:
         yield harness
-
-
-def assert_clean_error(run: PluginRun, code: int, *words: str) -> dict:
-    assert run.returncode == 1, run
-    assert b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
-    err = json.loads(run.stdout)
-    assert set(err) == {"cniVersion", "code", "msg", "details"}, err
-    assert err["code"] == code, err
-    text = f"{err['msg']} {err['details']}"
-    for word in words:
-        assert word in text, err
-    return err
 
 
 def assert_del_succeeds(run: PluginRun) -> None:
@@ -64,9 +52,9 @@ def nested(depth: int) -> bytes:
 def test_deeply_nested_config_is_a_decode_error(node: NodeHarness, agent, depth: int) -> None:
     c = node.new_pod("deep")
     conf = json.dumps(node.conf(extra="X")).encode().replace(b'"X"', nested(depth))
-    assert_clean_error(node.cni("ADD", c, conf), errors.UNDECODABLE_CONFIG, "nested")
+    assert_cni_error(node.cni("ADD", c, conf), errors.UNDECODABLE_CONFIG, "nested")
     prev = json.dumps(node.conf(prevResult="X")).encode().replace(b'"X"', nested(depth))
-    assert_clean_error(node.cni("CHECK", c, prev), errors.UNDECODABLE_CONFIG, "nested")
+    assert_cni_error(node.cni("CHECK", c, prev), errors.UNDECODABLE_CONFIG, "nested")
     assert_log_clean(agent)
     node.assert_nothing_left()
 
@@ -109,7 +97,7 @@ def test_undecodable_environment_fails_add_and_del_succeeds(
 ) -> None:
     c = node.new_pod("bytes")
     env: dict = {var: value}
-    assert_clean_error(node.cni("ADD", c, env=env), errors.INVALID_ENV, named, "UTF-8")
+    assert_cni_error(node.cni("ADD", c, env=env), errors.INVALID_ENV, named, "UTF-8")
     node.assert_nothing_left()
     assert_del_succeeds(node.cni("DEL", c, env=env))
     assert_log_clean(agent)
@@ -159,7 +147,7 @@ def test_del_of_a_container_id_add_refuses_is_success(
 ) -> None:
     c = node.new_pod("badid")
     run = node.cni("ADD", c, env={"CNI_CONTAINERID": container_id})
-    assert_clean_error(run, code, "CNI_CONTAINERID")
+    assert_cni_error(run, code, "CNI_CONTAINERID")
     assert_del_succeeds(node.cni("DEL", c, env={"CNI_CONTAINERID": container_id}))
     assert_log_clean(agent)
     node.assert_nothing_left()
@@ -181,7 +169,7 @@ def test_config_strings_that_cannot_be_used_are_invalid(
     """Valid JSON can still hold lone surrogates, NULs or over-long paths."""
     c = node.new_pod("strs")
     run = node.cni("ADD", c, json.dumps(node.conf(**{field: value})).encode())
-    assert_clean_error(run, errors.INVALID_CONFIG, field)
+    assert_cni_error(run, errors.INVALID_CONFIG, field)
     assert_log_clean(agent)
     node.assert_nothing_left()
 
@@ -189,7 +177,7 @@ def test_config_strings_that_cannot_be_used_are_invalid(
 def test_config_that_is_not_utf8_is_a_decode_error(node: NodeHarness, agent) -> None:
     c = node.new_pod("latin1")
     conf = json.dumps(node.conf(ipam={"pools": ["X"]})).encode().replace(b"X", b"\xe9")
-    assert_clean_error(node.cni("ADD", c, conf), errors.UNDECODABLE_CONFIG, "UTF-8")
+    assert_cni_error(node.cni("ADD", c, conf), errors.UNDECODABLE_CONFIG, "UTF-8")
     node.assert_nothing_left()
 
 
@@ -203,7 +191,7 @@ def test_oversized_config_is_invalid_not_try_again_later(
 ) -> None:
     c = node.new_pod("big")
     conf = json.dumps(node.conf(padding="P" * size)).encode()
-    assert_clean_error(node.cni("ADD", c, conf), errors.INVALID_CONFIG, "too large")
+    assert_cni_error(node.cni("ADD", c, conf), errors.INVALID_CONFIG, "too large")
     assert_log_clean(agent)
     node.assert_nothing_left()
 

@@ -12,20 +12,12 @@ import pytest
 
 from cni import errors
 from tests.agent.harness import NodeHarness
-from tests.cni.runtime import Container
+from tests.cni.runtime import Container, assert_cni_error
 
 pytestmark = pytest.mark.root
 
 WORKERS = 8  # the agent's default --workers: this many stuck calls would stall every pod
 QUICK = 10.0  # seconds: far below the shim's own 60 s timeout
-
-
-def assert_refused(run, code: int, *words: str) -> None:
-    assert run.returncode != 0, run
-    err = run.json()
-    assert err["code"] == code, err
-    text = f"{err['msg']} {err['details']}"
-    assert all(word in text for word in words), err
 
 
 def test_a_fifo_as_netns_is_refused_at_once_and_stalls_nobody(
@@ -39,7 +31,7 @@ def test_a_fifo_as_netns_is_refused_at_once_and_stalls_nobody(
         runs = list(pool.map(lambda c: node.cni("ADD", c), calls))
     assert time.monotonic() - started < QUICK
     for run in runs:
-        assert_refused(run, errors.NETNS_NOT_FOUND, "not a namespace")
+        assert_cni_error(run, errors.NETNS_NOT_FOUND, "not a namespace")
 
     # The agent's workers are all free: a real pod still gets its address at once.
     started = time.monotonic()
@@ -57,7 +49,7 @@ def test_other_non_namespace_paths_are_refused(
     if kind == "regular file":
         path.write_text("")  # type: ignore[union-attr]
     c = Container("ctr-odd", str(path or "/dev/null"), pod="odd")
-    assert_refused(node.cni("ADD", c), errors.NETNS_NOT_FOUND)
+    assert_cni_error(node.cni("ADD", c), errors.NETNS_NOT_FOUND)
     node.delete(c)
     node.assert_nothing_left()
 
@@ -68,7 +60,7 @@ def test_the_host_network_namespace_is_refused(node: NodeHarness, agent, which: 
     # in production both are the node's; either must be refused.
     netns = node.host_netns_path if which == "the host's" else f"/proc/{agent.proc.pid}/ns/net"
     c = Container("ctr-host", netns, pod="host")
-    assert_refused(node.cni("ADD", c), errors.INVALID_CONFIG, "CNI_NETNS", "host")
+    assert_cni_error(node.cni("ADD", c), errors.INVALID_CONFIG, "CNI_NETNS", "host")
     node.delete(c)
     node.assert_nothing_left()
 

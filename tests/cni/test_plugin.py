@@ -15,7 +15,7 @@ from bgp_speaker.pods import dataplane
 from cni import errors
 from ipam_blocks.allocator import AssignRequest
 from tests.agent.harness import HOST_ADDRESS, NODE, NodeHarness, in_netns, run_ip
-from tests.cni.runtime import REFERENCE_PLUGINS, ConflistRuntime, Container
+from tests.cni.runtime import REFERENCE_PLUGINS, ConflistRuntime, Container, assert_cni_error
 
 pytestmark = pytest.mark.root
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -32,17 +32,6 @@ def ip_of(result: dict) -> str:
 def assert_pings(netns: str, address: str) -> None:
     run = in_netns(netns, "ping", "-c", "1", "-W", "3", address)
     assert run.returncode == 0, f"{netns} cannot reach {address}: {run.stdout}{run.stderr}"
-
-
-def assert_error(run, code: int, *words: str) -> dict:
-    assert run.returncode != 0, run
-    err = run.json()
-    assert set(err) == {"cniVersion", "code", "msg", "details"}, err
-    assert err["code"] == code, err
-    text = f"{err['msg']} {err['details']}"
-    for word in words:
-        assert word in text, err
-    return err
 
 
 # --- the dataplane works -------------------------------------------------------------------
@@ -166,11 +155,11 @@ def test_check_reports_a_removed_address_and_a_removed_route(node: NodeHarness, 
 
     run_ip("addr", "del", f"{ip_of(ra)}/32", "dev", "eth0", netns=ns_name(a))
     run = node.cni("CHECK", a, node.conf(prevResult=ra))
-    assert_error(run, errors.CHECK_FAILED, f"address {ip_of(ra)}/32 missing")
+    assert_cni_error(run, errors.CHECK_FAILED, f"address {ip_of(ra)}/32 missing")
 
     run_ip("route", "del", f"{ip_of(rb)}/32", netns=node.host_ns)
     run = node.cni("CHECK", b, node.conf(prevResult=rb))
-    assert_error(run, errors.CHECK_FAILED, f"host route {ip_of(rb)}/32: missing")
+    assert_cni_error(run, errors.CHECK_FAILED, f"host route {ip_of(rb)}/32: missing")
 
     node.delete(a)
     node.delete(b)
@@ -184,7 +173,7 @@ def test_check_reports_a_removed_address_and_a_removed_route(node: NodeHarness, 
                                  "CNI_PATH"])  # fmt: skip
 def test_missing_environment_variable(node: NodeHarness, agent, var: str) -> None:
     run = node.cni("ADD", node.new_pod("env"), env={var: None})
-    assert_error(run, errors.INVALID_ENV, var)
+    assert_cni_error(run, errors.INVALID_ENV, var)
     node.assert_nothing_left()
 
 
@@ -205,14 +194,14 @@ def test_bad_configuration(node: NodeHarness, agent, stdin: bytes, code: int, wo
     if b'"name"' in stdin and b'"socket"' not in stdin:  # point the valid ones at our agent
         stdin = stdin.replace(b"{", b'{"socket": "%s", ' % str(node.socket).encode(), 1)
     run = node.cni("ADD", node.new_pod("bad"), stdin)
-    assert_error(run, code, *words)
+    assert_cni_error(run, code, *words)
     node.assert_nothing_left()
 
 
 def test_nonexistent_netns_allocates_nothing(node: NodeHarness, agent) -> None:
     c = Container("ctr-nonet", "/var/run/netns/l3t-does-not-exist", pod="nonet")
     run = node.cni("ADD", c)
-    assert_error(run, errors.NETNS_NOT_FOUND, "does not exist")
+    assert_cni_error(run, errors.NETNS_NOT_FOUND, "does not exist")
     node.assert_nothing_left()
 
 
@@ -221,7 +210,7 @@ def test_full_pool(node: NodeHarness, agent) -> None:
     for c in pods[:4]:  # the tiny pool is one /30 block: four addresses
         node.add(c, ipam={"pools": ["tiny"]})
     run = node.cni("ADD", pods[4], node.conf(ipam={"pools": ["tiny"]}))
-    assert_error(run, errors.POOL_EXHAUSTED, "pool exhausted", "tiny")
+    assert_cni_error(run, errors.POOL_EXHAUSTED, "pool exhausted", "tiny")
     assert len(node.allocated()) == 4 and len(node.records()) == 4
     assert dataplane.host_veth_name("default", "full4") not in node.host_veths()
     assert node.ipam_check().clean
@@ -232,10 +221,10 @@ def test_full_pool(node: NodeHarness, agent) -> None:
 
 def test_agent_down(node: NodeHarness) -> None:
     c = node.new_pod("down")
-    assert_error(node.cni("ADD", c), errors.TRY_AGAIN_LATER, "agent unreachable")
-    assert_error(node.cni("DEL", c), errors.TRY_AGAIN_LATER)
+    assert_cni_error(node.cni("ADD", c), errors.TRY_AGAIN_LATER, "agent unreachable")
+    assert_cni_error(node.cni("DEL", c), errors.TRY_AGAIN_LATER)
     status = node.cni("STATUS", None, node.conf(cniVersion="1.1.0"))
-    assert_error(status, errors.NOT_AVAILABLE, "agent unreachable")
+    assert_cni_error(status, errors.NOT_AVAILABLE, "agent unreachable")
 
 
 # --- CNI 1.1: STATUS and GC ------------------------------------------------------------------
@@ -245,7 +234,7 @@ def test_status(node: NodeHarness, agent) -> None:
     run = node.cni("STATUS", None, node.conf(cniVersion="1.1.0"))
     assert run.ok and not run.stdout.strip(), run
     run = node.cni("STATUS", None, node.conf(cniVersion="1.1.0", ipam={"pools": ["nope"]}))
-    assert_error(run, errors.NOT_AVAILABLE, "nope")
+    assert_cni_error(run, errors.NOT_AVAILABLE, "nope")
 
 
 def test_gc_releases_what_the_runtime_no_longer_lists(node: NodeHarness, agent) -> None:
