@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, ip_network
 
 import pytest
@@ -61,34 +62,33 @@ def kernel_has_ipip() -> bool:
         sh("ip", "netns", "del", ns)
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A namespace with the node's address on an uplink of MTU 1400."""
+@contextmanager
+def node_netns(address: str, device: str) -> Iterator[str]:
+    """A namespace with an uplink eth1 of MTU 1400 and the node's `address` on `device`."""
     ns = f"l3t-tun-{os.getpid()}-{next(_names)}"
     sh("ip", "netns", "add", ns)
     try:
         sh("ip", "-n", ns, "link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "eth2")
-        sh("ip", "-n", ns, "addr", "add", str(NODE), "dev", "eth1")
+        sh("ip", "-n", ns, "addr", "add", address, "dev", device)
         for dev in ("eth1", "eth2", "lo"):
             sh("ip", "-n", ns, "link", "set", dev, "up")
         yield ns
     finally:
         sh("ip", "netns", "del", ns)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """The node's address on the uplink."""
+    with node_netns(str(NODE), "eth1") as ns:
+        yield ns
 
 
 @pytest.fixture
 def loopback_node_netns() -> Iterator[str]:
     """The node's address on lo (as /32, BGP-unnumbered style), its traffic out of eth1."""
-    ns = f"l3t-lo-{os.getpid()}-{next(_names)}"
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "-n", ns, "link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "eth2")
-        sh("ip", "-n", ns, "addr", "add", f"{NODE.ip}/32", "dev", "lo")
-        for dev in ("eth1", "eth2", "lo"):
-            sh("ip", "-n", ns, "link", "set", dev, "up")
+    with node_netns(f"{NODE.ip}/32", "lo") as ns:
         yield ns
-    finally:
-        sh("ip", "netns", "del", ns)
 
 
 def policy(ipip: str = "Never", vxlan: str = "Never", vni: int = 4096) -> EncapPolicy:
