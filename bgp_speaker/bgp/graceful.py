@@ -17,13 +17,15 @@ its routes again (route refresh).
 Our own restart. When our ExaBGP dies and comes back, every session is new: the routes it
 had learned are kept for our own restart time (if we advertise graceful restart at all),
 then swept unless learned again. When the agent itself starts, the routes it finds in the
-kernel are adopted, stale, and swept once every session has sent End-of-RIB, or after our
-restart time at the latest.
+kernel are adopted, stale, and swept once every session that negotiated graceful restart
+has sent End-of-RIB, or after our restart time at the latest. A session without it (we or the
+peer advertised no capability) need not send End-of-RIB at all, so it is not waited for once
+it is up; one not up yet may still negotiate it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bgp_speaker.bgp.routes import IPAddr, SessionSpec
@@ -33,6 +35,7 @@ __all__ = [
     "SPEAKER_RESTART",
     "UNKNOWN",
     "HoldTimers",
+    "awaiting_end_of_rib",
     "initial_sync_wait",
     "retention",
 ]
@@ -74,6 +77,34 @@ def initial_sync_wait(sessions: Iterable[SessionSpec]) -> float:
     waiting for End-of-RIB from every session: our longest restart time."""
     times = [s.graceful_restart_time for s in sessions if s.graceful_restart_time]
     return float(max(times)) if times else NO_RESTART_SYNC_WAIT
+
+
+def awaiting_end_of_rib(
+    sessions: Iterable[SessionSpec],
+    advertised: Mapping[IPAddr, int | None],
+    established: Container[IPAddr],
+    eor_seen: Container[IPAddr],
+) -> set[IPAddr]:
+    """Of ``sessions``, the peers whose End-of-RIB is still due (a starting agent sweeps what
+    it adopted from the kernel, a handover retires old sessions, only once none is).
+
+    ``advertised``: the restart time in each peer's last OPEN (None: no capability; a peer
+    missing has sent no OPEN yet). End-of-RIB is due from a session that negotiated graceful
+    restart, and from one not up yet, which may still negotiate it.
+    """
+    return {
+        s.peer_ip
+        for s in sessions
+        if s.peer_ip not in eor_seen
+        and (s.peer_ip not in established or _negotiated(s, advertised))
+    }
+
+
+def _negotiated(spec: SessionSpec, advertised: Mapping[IPAddr, int | None]) -> bool:
+    # Both sides advertised the capability (no OPEN seen: it may still be).
+    return spec.graceful_restart_time is not None and (
+        advertised.get(spec.peer_ip, UNKNOWN) is not None
+    )
 
 
 @dataclass

@@ -5,7 +5,8 @@ a BGPPeer replaced by another — the sessions that are no longer wanted must no
 before the new ones carry the same routes, or pod traffic stops in between. So a session
 that leaves the desired set while it is established is kept as *retiring* until:
 
-- every session that is new since then is established and has sent End-of-RIB, and
+- every session that is new since then is established and has sent End-of-RIB (or owes
+  none: no graceful restart, see `graceful.awaiting_end_of_rib`), and
 - every prefix the retiring session taught us has another accepted path from a session
   that is not retiring (the RIB's candidates: `covered`),
 

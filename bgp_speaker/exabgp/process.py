@@ -18,10 +18,14 @@ How it works, and why:
   once ExaBGP logs "loaded new configuration successfully"; until then it is re-signalled.
   (A SIGUSR1 before ExaBGP installed its handlers would kill it: a new ExaBGP is signalled
   only after its relay connected, which ExaBGP starts after that.)
-- ExaBGP runs in its own session (``start_new_session``) inside ``netns`` (forked from a
-  thread that entered the namespace, so nothing else changes namespace). A pidfd tells the
-  supervisor the moment it exits; it is restarted with capped exponential backoff, reset
-  after a stable period, and ``SpeakerRestarted`` is yielded when the new one is ready.
+- ExaBGP runs in its own session (``start_new_session``) inside ``netns``, started through
+  exabgp/tether.py: it enters the namespace (so the agent never switches one) and ties
+  ExaBGP's life to the agent's (PR_SET_PDEATHSIG, SIGKILL): an agent killed by anything
+  takes its ExaBGP, and with it the relay, along. A pidfd tells the supervisor the moment
+  it exits; it is restarted with capped exponential backoff, reset after a stable period,
+  and ``SpeakerRestarted`` is yielded when the new one is ready. A new speaker on the same
+  workdir first ends an ExaBGP a previous agent left (its pid file, checked against
+  /proc/PID/cmdline naming our config).
 - ExaBGP's API process is exabgp/relay.py, which connects to a unix socket the speaker
   owns. Every command gets exactly one ``done``/``error`` (``exabgp.api.ack=true``); they
   are matched in order. Commands ExaBGP may answer out of order (EOR, route refresh, clear
@@ -90,7 +94,7 @@ from bgp_speaker.exabgp.codec import (
 )
 from bgp_speaker.exabgp.config import render_config, render_env
 from bgp_speaker.exabgp.relay import DEFAULT_MAX_BUFFER
-from bgp_speaker.kernel.netns import open_netns, run_in_netns
+from bgp_speaker.kernel.netns import open_netns
 
 __all__ = [
     "CommandFailed",
@@ -103,6 +107,7 @@ __all__ = [
 log = logging.getLogger("l3fabric.bgp.exabgp")
 
 RELAY_SCRIPT = Path(__file__).resolve().with_name("relay.py")
+TETHER_SCRIPT = Path(__file__).resolve().with_name("tether.py")
 LINE_LIMIT = 64 * 1024 * 1024  # one JSON line per UPDATE; extended messages make them big
 LOG_PIPE_SIZE = 1024 * 1024  # Linux's default pipe-max-size
 MAX_UNIX_PATH = 107
@@ -786,21 +791,16 @@ class ExaBGPSpeaker:
         assert self._env is not None
         self._generation += 1
         env = self._child_env(self._env)
-        argv = [*self._exabgp, "server", str(self.config_path)]
-
-        def popen() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                argv, env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-        def popen_in_netns() -> subprocess.Popen[bytes]:
-            if self.netns_path is None:
-                return popen()
-            with open_netns(self.netns_path) as fd:
-                return run_in_netns(fd, popen)
-
-        proc = await asyncio.to_thread(popen_in_netns)
+        argv = [
+            sys.executable, "-I", "-S", str(TETHER_SCRIPT), str(os.getpid()),
+            self.netns_path or "-", *self._exabgp, "server", str(self.config_path),
+        ]  # fmt: skip
+        # Forked right here, from the event loop's thread: the kernel's parent-death signal
+        # follows the thread that forked, and this one lives as long as the agent.
+        proc = subprocess.Popen(
+            argv, env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
         assert proc.stdout is not None
         # ExaBGP's log writes block like its API writes: give a stalled agent more slack.
         with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +15,11 @@ from bgp_speaker.bgp.rib import Rib
 from bgp_speaker.bgp.routes import SessionState, SpeakerEvent
 from bgp_speaker.bgp.speaker import Speaker
 from bgp_speaker.kernel.fib import KernelFib
+from bgp_speaker.kernel.tcp_md5 import Md5Counters
 from bgp_speaker.overlay.dataplane import OverlayDataplane
 from bgp_speaker.routing.desired import DesiredState, read_desired
 from bgp_speaker.routing.kernel_routes import KernelRoutes
+from bgp_speaker.routing.md5_watch import Md5Watch
 from bgp_speaker.routing.peer_timers import PeerTimers
 from bgp_speaker.routing.reconcile import Reconciler
 from bgp_speaker.routing.speaker_events import SpeakerEvents
@@ -79,12 +82,16 @@ class RoutingController:
         *,
         initial_sync_timeout: float | None = None,
         overlay: OverlayDataplane | None = None,
+        md5_counters: Callable[[], Md5Counters] | None = None,
     ) -> None:
+        """``md5_counters`` reads the kernel's TCP-MD5 counters of the speaker's namespace
+        (blocking); None: no session is ever reported refused by TCP-MD5."""
         self.node = node
         self.store = store
         self.speaker = speaker
         self.rib = Rib()
         self.state = RoutingState()
+        self._md5_counters = md5_counters
         self.tasks = BackgroundTasks()
         self.peering = Peering(self.rib, speaker)  # sessions to configure, reflection
         self.kernel = KernelRoutes(
@@ -158,6 +165,7 @@ class RoutingController:
             self._reconcile_loop(),
             self.kernel.initial_sync(),
             self.timers.watch(),
+            *([Md5Watch(self._md5_counters, self.state).watch()] if self._md5_counters else []),
         ):
             self.tasks.spawn(coro)
         try:

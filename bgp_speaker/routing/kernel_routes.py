@@ -5,9 +5,10 @@ the tunnel devices the overlay has ready; our own blocks get blackhole routes. C
 the FIB per batch of affected prefixes, and what failed is tried again after FIB_RETRY.
 
 On start the kernel may still hold routes from before a restart: they are adopted, not
-flushed, until every session has sent End-of-RIB (or `initial_sync_timeout` passes, by
-default our graceful-restart time); then one reconcile of the FIB against the RIB removes
-what was not learned again.
+flushed, until every session that negotiated graceful restart has sent End-of-RIB (one
+without it may never send one: it is not waited for once it is up), or until
+`initial_sync_timeout` passes, by default our graceful-restart time; then one reconcile of
+the FIB against the RIB removes what was not learned again.
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ class KernelRoutes:
         log.info("kernel reconciled", extra={"op": "fib", "changed": changed, "removed": removed})
 
     async def initial_sync(self) -> None:
-        """Sweep routes left from before a start once every session has sent End-of-RIB, or
-        when our graceful-restart time (the peers keep our routes that long) has passed."""
+        """Sweep routes left from before a start once every session that negotiated graceful
+        restart has sent End-of-RIB, or when our graceful-restart time (the peers keep our
+        routes that long) has passed."""
         state = self._state
         started = time.monotonic()
         while state.desired is None and time.monotonic() - started < graceful.NO_RESTART_SYNC_WAIT:
@@ -175,8 +177,7 @@ class KernelRoutes:
             wait = graceful.initial_sync_wait(state.desired.sessions if state.desired else ())
         deadline = started + wait
         while time.monotonic() < deadline:
-            wanted = {s.peer_ip for s in state.desired.sessions} if state.desired else set()
-            if state.desired is not None and wanted <= state.eor_seen:
+            if state.desired is not None and not state.awaiting_end_of_rib(state.desired.sessions):
                 break
             await asyncio.sleep(0.1)
         await self._full_sync()

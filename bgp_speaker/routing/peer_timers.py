@@ -56,7 +56,6 @@ class PeerTimers:
         self._state = state
         self._kernel = kernel
         self._tasks = tasks
-        self._peer_restart: dict[IPAddr, int | None] = {}  # from each peer's last OPEN
         self._stale_episode: dict[IPAddr, int] = {}
 
     # --- hold timers ----------------------------------------------------------------------
@@ -65,7 +64,7 @@ class PeerTimers:
         """Start, restart or stop timers as sessions open, come up and go down."""
         match event:
             case PeerOpened(peer, _, restart, hold):
-                self._peer_restart[peer] = restart
+                self._state.peer_restart[peer] = restart
                 self.hold_timers.opened(peer, hold)
             case PeerStateChanged(peer, SessionState.UP, _):
                 spec = self._state.session_spec(peer)
@@ -118,7 +117,7 @@ class PeerTimers:
         """A session is gone: drop its routes now (returned: the affected prefixes), or mark
         them stale and start its restart timer."""
         spec = self._state.session_spec(peer)
-        advertised = self._peer_restart.get(peer, graceful.UNKNOWN)
+        advertised = self._state.peer_restart.get(peer, graceful.UNKNOWN)
         restart = graceful.retention(spec, advertised, reason)
         if not restart:
             self._stale_episode.pop(peer, None)

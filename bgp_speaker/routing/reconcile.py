@@ -13,7 +13,7 @@ import asyncio
 
 from bgp_speaker.bgp.peering import Peering
 from bgp_speaker.bgp.rib import Rib
-from bgp_speaker.bgp.routes import IPNet, SessionSpec, SessionState
+from bgp_speaker.bgp.routes import IPNet, SessionSpec
 from bgp_speaker.bgp.speaker import Speaker
 from bgp_speaker.routing.desired import DesiredState
 from bgp_speaker.routing.kernel_routes import KernelRoutes
@@ -74,9 +74,10 @@ class Reconciler:
         """Desired sessions minus those cut off for too many prefixes, plus those retiring
         until their replacements carry their routes (see `handover`)."""
         state = self._state
-        established = {p for p, (session_state, _, _) in state.peer_state.items()
-                       if session_state is SessionState.UP}  # fmt: skip
-        configured = self.peering.plan_sessions(desired.sessions, established, state.eor_seen)
+        established = state.established()
+        # A session without graceful restart owes no End-of-RIB: up, its table counts as sent.
+        sent_table = established - state.awaiting_end_of_rib(desired.sessions)
+        configured = self.peering.plan_sessions(desired.sessions, established, sent_table)
         if self.peering.handover.busy and not self._handover_ticking:
             self._handover_ticking = True
             self._tasks.spawn(self._handover_tick())

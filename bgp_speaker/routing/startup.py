@@ -23,6 +23,7 @@ from bgp_speaker.bgp.sessions import node_address
 from bgp_speaker.exabgp.process import ExaBGPSpeaker
 from bgp_speaker.kernel.autodetect import detect_ipv4
 from bgp_speaker.kernel.fib import Fib
+from bgp_speaker.kernel.tcp_md5 import read_md5_counters
 from bgp_speaker.overlay.dataplane import Overlay
 from bgp_speaker.overlay.nat import NatTable
 from bgp_speaker.overlay.tunnels import EncapFib, Tunnels
@@ -144,7 +145,10 @@ async def run_routing(
     tunnels = Tunnels(node, settings.host_netns, IPAM(store))
     fib = EncapFib(Fib(netns=settings.host_netns), tunnels)
     overlay = Overlay(tunnels, NatTable(settings.host_netns))
-    controller = RoutingController(node, store, speaker, fib, overlay=overlay)
+    controller = RoutingController(
+        node, store, speaker, fib, overlay=overlay,
+        md5_counters=partial(read_md5_counters, settings.host_netns),
+    )  # fmt: skip
     await speaker.start()
     holder.loop = asyncio.get_running_loop()
     holder.controller = controller

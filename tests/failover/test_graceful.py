@@ -14,6 +14,8 @@ from netaddr import IPNetwork
 from bgp_speaker.bgp import graceful
 from bgp_speaker.bgp.config import parse_bgp_config, parse_bgp_peer
 from bgp_speaker.bgp.routes import (
+    EndOfRib,
+    PathAttributes,
     PeerAlive,
     PeerOpened,
     PeerStateChanged,
@@ -93,6 +95,67 @@ def test_initial_sync_waits_our_longest_restart_time() -> None:
     assert graceful.initial_sync_wait([]) == graceful.NO_RESTART_SYNC_WAIT
     no_gr = dataclasses.replace(SPEC, graceful_restart_time=None)
     assert graceful.initial_sync_wait([no_gr]) == graceful.NO_RESTART_SYNC_WAIT
+
+
+def test_initial_sync_waits_only_for_sessions_that_negotiated_graceful_restart() -> None:
+    other = IPv4Address("10.0.0.13")
+    both = [SPEC, dataclasses.replace(SPEC, peer_ip=other)]
+    up = {PEER, other}
+    # Both sides advertise the capability: End-of-RIB is due from each.
+    assert graceful.awaiting_end_of_rib(both, {PEER: 45, other: 45}, up, set()) == up
+    assert graceful.awaiting_end_of_rib(both, {PEER: 45, other: 45}, up, {PEER}) == {other}
+    # The peer's OPEN had no capability: it need not ever send End-of-RIB.
+    assert graceful.awaiting_end_of_rib(both, {PEER: None, other: 45}, up, set()) == {other}
+    # Nor when we advertise none (None), though the peer does; 0 s is still a capability.
+    ours_off = [dataclasses.replace(s, graceful_restart_time=None) for s in both]
+    assert graceful.awaiting_end_of_rib(ours_off, {PEER: 45, other: 45}, up, set()) == set()
+    ours_zero = [dataclasses.replace(s, graceful_restart_time=0) for s in both]
+    assert graceful.awaiting_end_of_rib(ours_zero, {PEER: 45, other: 45}, up, set()) == up
+    # Not up yet, or no OPEN seen: it may still negotiate graceful restart, wait for it.
+    assert graceful.awaiting_end_of_rib(both, {PEER: None}, {other}, set()) == up
+
+
+def test_a_restarted_agent_does_not_wait_for_end_of_rib_from_a_peer_without_it() -> None:
+    """Routes adopted from the kernel at start are swept once the only peer is up without
+    graceful restart (it never sends End-of-RIB), not after our 120 s restart time."""
+
+    async def scenario() -> None:
+        routing, fib = controller(120)  # we advertise 120 s; the peer advertises none
+        fib.routes = via_peer(BLOCK_1, BLOCK_2)  # left by the agent before this one
+        await routing.kernel.adopt()
+        sync = asyncio.ensure_future(routing.kernel.initial_sync())
+        await feed(
+            routing,
+            PeerOpened(PEER, PEER, None),
+            PeerStateChanged(PEER, SessionState.UP),
+            RoutesAnnounced(PEER, (BLOCK_1,), PathAttributes(PEER)),
+        )
+        await asyncio.wait_for(sync, 2)
+        assert fib.routes == via_peer(BLOCK_1)  # BLOCK_2 was not learned again
+
+    run(scenario())
+
+
+def test_a_restarted_agent_waits_for_end_of_rib_from_a_graceful_peer() -> None:
+    async def scenario() -> None:
+        routing, fib = controller(120)
+        fib.routes = via_peer(BLOCK_1, BLOCK_2)
+        await routing.kernel.adopt()
+        sync = asyncio.ensure_future(routing.kernel.initial_sync())
+        await feed(
+            routing,
+            PeerOpened(PEER, PEER, 45),
+            PeerStateChanged(PEER, SessionState.UP),
+            RoutesAnnounced(PEER, (BLOCK_1,), PathAttributes(PEER)),
+        )
+        await asyncio.sleep(0.5)
+        assert not sync.done()  # its table may not be complete yet
+        assert fib.routes == via_peer(BLOCK_1, BLOCK_2)
+        await feed(routing, EndOfRib(PEER))
+        await asyncio.wait_for(sync, 2)
+        assert fib.routes == via_peer(BLOCK_1)
+
+    run(scenario())
 
 
 def test_the_codec_reads_the_restart_time_from_an_open() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bgp_speaker.bgp.md5_diagnosis import MD5_MISMATCH
 from ipam_blocks.errors import NotFound
 from ipam_blocks.store.base import Resource
 from tests.fabric.harness import RouteMonitor
@@ -149,10 +150,17 @@ def test_md5_right_password_establishes_wrong_one_never_does(lab: InteropLab) ->
     set_peer(lab, "ext", "wrong.pw")
     wait(lambda: [] if lab.peers("n1")[EXT]["since"] > changed else ["not reconfigured"],
          "the session to be re-established with the new password")  # fmt: skip
+    log_path = lab.paths.node("n1").log("agent")
+    logged_before = log_path.read_text().count(MD5_MISMATCH)
     deadline = time.monotonic() + 20  # two hold times and more: it must never come up
     while time.monotonic() < deadline:
         assert session(lab)[0] != "established" and session(lab)[1] != "Established"
         time.sleep(0.5)
+    # Only the kernel sees why (it drops the badly signed SYNs): node status and the log
+    # name it, the log once for 20 s of the router retrying every 2 s.
+    assert lab.peers("n1")[EXT]["reason"] == MD5_MISMATCH, lab.peers("n1")[EXT]
+    assert lab.status_cli("n1")["peers"][0]["reason"] == MD5_MISMATCH
+    assert log_path.read_text().count(MD5_MISMATCH) - logged_before == 1
 
     set_peer(lab, "ext", "right.pw")
     wait(lambda: up_with_routes(lab), "the session with the right password again")
@@ -202,3 +210,32 @@ def test_max_prefixes_cuts_the_router_off_and_installs_nothing(lab: InteropLab) 
     wait(lambda: up_with_routes(lab), "the session with the higher limit")
     wait(lambda: [] if sum(p.startswith("10.250.") for p in lab.route_table("n1")) == 151
          else ["not all routes yet"], "every route of the router")  # fmt: skip
+
+
+def test_a_restarted_agent_does_not_wait_for_an_end_of_rib_the_router_never_sends(
+    lab: InteropLab,
+) -> None:
+    """No graceful restart on the session (gracefulRestartTime 0): the router owes no
+    End-of-RIB, so the restarted agent sweeps what it adopted from the kernel as soon as the
+    session is up instead of after a wait for one (issue 15, item 11)."""
+    set_peer(lab, "ext", "right.pw")
+    wait(lambda: up_with_routes(lab), "the session to the router")
+    lab.stop_agent("n1")
+    started = time.monotonic()
+    lab.restart_agent("n1")
+    up: list[float] = []
+
+    def session_up() -> list[str]:
+        with contextlib.suppress(Exception):  # the agent may still be starting
+            if session(lab)[0] == "established":
+                up.append(time.monotonic())
+                return []
+        return ["session not up"]
+
+    wait(session_up, "the session after the restart")
+    wait(lambda: [] if lab.status("n1")["synced"] else ["not synced"], "the kernel sync")
+    synced = time.monotonic()
+    print(f"\nn1 restarted: session up after {up[0] - started:.2f} s, kernel synced after "
+          f"{synced - started:.2f} s")  # fmt: skip
+    assert synced - up[0] < 3, (up[0] - started, synced - started)
+    wait(lambda: up_with_routes(lab), "the router's route again")

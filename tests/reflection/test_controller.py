@@ -247,3 +247,37 @@ def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_
     assert [str(s.peer_ip) for s in planned] == ["10.0.0.254"]
     assert "waiting for its password" in peering.note(IPv4Address("10.0.0.253"))
     assert "cannot read" in peering.note(IPv4Address("10.0.0.253"))
+
+
+def test_a_new_session_without_graceful_restart_completes_a_handover_without_end_of_rib():
+    """The mesh session to C1 is replaced by one to an external reflector that negotiated no
+    graceful restart and so owes no End-of-RIB: once it is up and carries C1's routes, C1
+    goes after the settle time, not after the handover's 90 s wait (issue 15, item 11)."""
+    routing, _, _ = reflector()
+    routing.peering.handover.settle = 0.0
+    peering = PeeringDesired(node_addresses=frozenset({C1}))
+    policy = ImportPolicy(((POOL, 26),), frozenset({OWN}), ME, 64512)
+    mesh = SessionSpec(C1, 64512, 64512, ME, ME, PeerType.MESH)
+    to_rr = SessionSpec(TOR, 65001, 64512, ME, ME, PeerType.RR)
+
+    def plan(*sessions: SessionSpec) -> set[IPv4Address]:
+        desired = DesiredState(sessions, Exports(frozenset({OWN})), policy, peering)
+        routing.state.desired = desired
+        routing.peering.set_desired(peering)
+        planned = routing.reconciler.plan_sessions(desired)
+        routing.rib.set_sessions(planned)
+        return {s.peer_ip for s in planned}
+
+    async def main() -> None:
+        assert plan(mesh) == {C1}
+        via_c1, from_rr = PathAttributes(next_hop=C1), PathAttributes(C1, as_path=(65001,))
+        await feed(routing, PeerOpened(C1, C1, 120), PeerStateChanged(C1, SessionState.UP),
+                   RoutesAnnounced(C1, (B1,), via_c1), EndOfRib(C1))  # fmt: skip
+        assert plan(to_rr) == {C1, TOR}  # C1 retires until TOR carries its routes
+        await feed(routing, PeerOpened(TOR, TOR, None), PeerStateChanged(TOR, SessionState.UP),
+                   RoutesAnnounced(TOR, (B1,), from_rr))  # fmt: skip
+        plan(to_rr)  # the settle time starts
+        await asyncio.sleep(0.05)
+        assert plan(to_rr) == {TOR}
+
+    asyncio.run(main())
