@@ -94,7 +94,7 @@ from bgp_speaker.exabgp.codec import (
 )
 from bgp_speaker.exabgp.config import render_config, render_env
 from bgp_speaker.exabgp.relay import DEFAULT_MAX_BUFFER
-from bgp_speaker.kernel.netns import open_netns
+from bgp_speaker.kernel.netns import netns_path, open_netns
 
 __all__ = [
     "CommandFailed",
@@ -225,9 +225,7 @@ class ExaBGPSpeaker:
         self.local_as = local_as
         self.listen = listen
         self.listen_port = listen_port
-        self.netns_path = (
-            None if netns is None else netns if "/" in netns else f"/var/run/netns/{netns}"
-        )
+        self.netns_path = None if netns is None else netns_path(netns)
         found = shutil.which("exabgp")
         self._exabgp = list(exabgp or ([found] if found else [sys.executable, "-m", "exabgp"]))
         self.config_path = self.workdir / "exabgp.conf"

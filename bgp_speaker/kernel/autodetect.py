@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from netaddr import IPNetwork
 from pyroute2 import IPRoute
 
-from bgp_speaker.kernel.netns import open_netns, run_in_netns
+from bgp_speaker.kernel.netns import netns_path, open_netns, run_in_netns
 
 PROBE_DESTINATION = "192.0.2.1"  # TEST-NET-1: looked up, never contacted
 
@@ -38,7 +38,7 @@ def _netns_fd(netns: str | None) -> Iterator[int | None]:
     if netns is None:
         yield None
         return
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
+    path = netns_path(netns)
     with open_netns(path) as fd:
         yield fd
 

@@ -55,7 +55,7 @@ from typing import Protocol
 
 from bgp_speaker.bgp.routes import PROTO_BGP, IPAddr, IPNet, KernelRoute, NextHop
 from bgp_speaker.kernel import netlink_batch as nl
-from bgp_speaker.kernel.netns import NetnsUnavailable, open_netns, run_in_netns
+from bgp_speaker.kernel.netns import NetnsUnavailable, netns_path, open_netns, run_in_netns
 from ipam_blocks.errors import L3FabricError
 
 __all__ = ["CHUNK", "Fib", "FibError", "KernelFib", "ManagedFib"]
@@ -483,7 +483,7 @@ class _Interrupted(Exception):
 def _open_socket(netns: str | None) -> socket.socket:
     if netns is None:
         return _new_socket()
-    path = netns if "/" in netns else os.path.join("/run/netns", netns)
+    path = netns_path(netns)
     try:
         with open_netns(path) as fd:
             return run_in_netns(fd, _new_socket)

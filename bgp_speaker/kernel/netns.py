@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["NetnsUnavailable", "open_netns", "run_in_netns"]
+__all__ = ["NetnsUnavailable", "netns_path", "open_netns", "run_in_netns"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,14 @@ class NetnsUnavailable(Exception):
         super().__init__(f"network namespace {path!r}: {reason}")
         self.path = path
         self.reason = reason
+
+
+NAMED_NETNS_DIR = "/run/netns"  # where `ip netns add NAME` mounts NAME
+
+
+def netns_path(netns: str) -> str:
+    """A namespace as given on the command line, a name (`ip netns`) or a path, as a path."""
+    return netns if "/" in netns else f"{NAMED_NETNS_DIR}/{netns}"
 
 
 @contextmanager

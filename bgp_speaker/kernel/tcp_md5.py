@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bgp_speaker.kernel.netns import open_netns, run_in_netns
+from bgp_speaker.kernel.netns import netns_path, open_netns, run_in_netns
 
 __all__ = ["Md5Counters", "parse_md5_counters", "read_md5_counters"]
 
@@ -52,5 +52,5 @@ def read_md5_counters(netns: str | None) -> Md5Counters:
     thread's namespace). Blocking."""
     if netns is None:
         return parse_md5_counters(NETSTAT.read_text())
-    with open_netns(netns if "/" in netns else f"/var/run/netns/{netns}") as fd:
+    with open_netns(netns_path(netns)) as fd:
         return run_in_netns(fd, lambda: parse_md5_counters(NETSTAT.read_text()))

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bgp_speaker.bgp.routes import IPNet
-from bgp_speaker.kernel.netns import open_netns, run_in_netns
+from bgp_speaker.kernel.netns import netns_path, open_netns, run_in_netns
 from bgp_speaker.overlay.encap import PoolEncap
 from ipam_blocks.errors import L3FabricError
 
@@ -113,7 +113,7 @@ class NatTable:
     """Our nftables table in one network namespace (None: the agent's own)."""
 
     def __init__(self, netns: str | None = None, nft: str | None = None) -> None:
-        self.netns = None if netns is None else netns if "/" in netns else f"/run/netns/{netns}"
+        self.netns = None if netns is None else netns_path(netns)
         self._nft = nft or shutil.which("nft") or "nft"
         self._wanted: str | None = None
         self._listed: str | None = None  # what the kernel listed right after our last apply

@@ -47,7 +47,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_LOOPBACK
 
 from bgp_speaker.bgp.routes import IPNet, KernelRoute
 from bgp_speaker.kernel.fib import ManagedFib
-from bgp_speaker.kernel.netns import NetnsUnavailable, open_netns, run_in_netns
+from bgp_speaker.kernel.netns import NetnsUnavailable, netns_path, open_netns, run_in_netns
 from bgp_speaker.overlay.encap import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -112,7 +112,7 @@ class Tunnels:
 
     def __init__(self, node: str, netns: str | None = None, ipam: IPAM | None = None) -> None:
         self.node = node
-        self.netns = None if netns is None else netns if "/" in netns else f"/run/netns/{netns}"
+        self.netns = None if netns is None else netns_path(netns)
         self.ipam = ipam
         self.status = TunnelStatus()
         self._vteps: frozenset[IPv4Address] = frozenset()  # wanted
