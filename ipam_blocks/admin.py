@@ -16,14 +16,13 @@ from netaddr import IPAddress
 
 from ipam_blocks import pools as poolops
 from ipam_blocks.allocator import IPAM, AssignRequest
-from ipam_blocks.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from ipam_blocks.errors import AlreadyExists, Conflict, InvalidInput
+from ipam_blocks.handles import find_by_handle
 from ipam_blocks.model import (
     IPAM_CONFIG_NAME,
     AllocationType,
     IPAMConfig,
     Workload,
-    handle_name,
-    parse_handle,
     parse_ipam_config,
     render_ipam_config,
 )
@@ -71,12 +70,10 @@ def _workload_recorded(ipam: IPAM, req: ManualAssignment) -> Iterator[None]:
         yield
         return
     workload = Workload(req.handle_id, req.node, req.namespace, req.pod)
-    try:
-        ipam.store.get("Workload", workload.name)
-        created = False  # a repeated assign for a live workload: leave its record alone
-    except NotFound:
+    # A repeated assign for a live workload leaves its record alone.
+    created = find_by_handle(ipam.store, "Workload", req.handle_id) is None
+    if created:
         poolops.record_workload(ipam, workload)
-        created = True
     try:
         yield
     except BaseException:
@@ -107,14 +104,11 @@ def _allocate(ipam: IPAM, req: ManualAssignment) -> list[IPAddress]:
 
 def release_handle(ipam: IPAM, handle_id: str) -> list[IPAddress]:
     """Release every address of a handle, and its workload record (embedded mode)."""
-    try:
-        handle = parse_handle(ipam.store.get("IPAMHandle", handle_name(handle_id)))
-    except NotFound:
-        raise InvalidInput("handle", f"unknown handle {handle_id!r}") from None
-    # The stored id, not the typed one: names are lowercased, allocations keep the case.
-    released = ipam.release_handle(handle.handle_id)
+    if find_by_handle(ipam.store, "IPAMHandle", handle_id) is None:
+        raise InvalidInput("handle", f"unknown handle {handle_id!r} (ids are case-sensitive)")
+    released = ipam.release_handle(handle_id)
     if ipam.store.holds_workloads:
-        poolops.forget_workload(ipam, handle.handle_id)
+        poolops.forget_workload(ipam, handle_id)
     return released
 
 

@@ -31,6 +31,7 @@ from ipam_blocks.errors import (
     NoUsablePool,
     PoolExhausted,
 )
+from ipam_blocks.handles import find_by_handle, name_taken
 from ipam_blocks.model import (
     IPAM_CONFIG_NAME,
     AffinityState,
@@ -148,17 +149,19 @@ class IPAM:
 
     def _adjust_handle(self, handle_id: str, cidr: IPNetwork, delta: int) -> None:
         def attempt() -> None:
-            try:
-                handle = parse_handle(self.store.get("IPAMHandle", handle_name(handle_id)))
-            except NotFound:
+            res = find_by_handle(self.store, "IPAMHandle", handle_id)
+            if res is None:
                 if delta <= 0:
                     return
                 try:
                     self.store.create(render_handle(Handle(handle_id, {str(cidr): delta})))
                 except AlreadyExists:
+                    if find_by_handle(self.store, "IPAMHandle", handle_id) is None:
+                        raise name_taken(self.store, "IPAMHandle", handle_id) from None
                     # Created by another writer since our read: count on top of theirs.
                     raise Conflict("IPAMHandle", handle_name(handle_id)) from None
                 return
+            handle = parse_handle(res)
             counts = dict(handle.blocks)
             counts[str(cidr)] = max(0, counts.get(str(cidr), 0) + delta)
             if counts[str(cidr)] == 0:
@@ -439,12 +442,10 @@ class IPAM:
 
     def release_handle(self, handle_id: str) -> list[IPAddress]:
         """Release everything a handle holds. An unknown handle releases nothing."""
-        try:
-            handle = parse_handle(self.store.get("IPAMHandle", handle_name(handle_id)))
-        except NotFound:
+        res = find_by_handle(self.store, "IPAMHandle", handle_id)
+        if res is None:
             return []
-        # Blocks record the id as stored; the caller's may differ in case (names are lowercased).
-        handle_id = handle.handle_id
+        handle = parse_handle(res)
         released: list[IPAddress] = []
         for cidr_text in handle.blocks:
             cidr = IPNetwork(cidr_text)

@@ -1,11 +1,16 @@
 """Consistency of the whole IPAM state: what `ipam check` reports and `ipam gc` repairs.
 
-`analyze` is pure: it takes one snapshot of the store and the set of live pods.
+`analyze` is pure: it takes one snapshot of the store and the set of live pods. A snapshot
+is several reads, and writers keep working between them (an assignment counts on its handle
+before it writes the block), so `check` reports only what a fresh snapshot, taken a moment
+later, finds again unchanged; it says how many findings it skipped.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from netaddr import IPAddress
@@ -21,9 +26,15 @@ from ipam_blocks.model import (
     Handle,
     IPPool,
     Node,
+    Workload,
     parse_handle,
     parse_node,
+    parse_workload,
 )
+
+RECHECK_AFTER = 1.0
+"""Seconds between the read that finds a problem and the fresh read that must confirm it:
+longer than one write sequence of an allocation in flight against a Kubernetes API."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,8 @@ class Snapshot:
     handles: list[Handle]
     nodes: list[Node]
     live_pods: frozenset[PodRef]
+    workloads: list[Workload] = field(default_factory=list)
+    """Embedded mode: the attachments the agents made, with the addresses they use."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,11 @@ class CheckReport:
     unrecorded_blocks: list[str] = field(default_factory=list)
     """Blocks affine to a node that has no BlockAffinity for them (a claim sets the
     record before the block and a release deletes it after, so this is never in flight)."""
+    addresses_not_held: list[str] = field(default_factory=list)
+    """Addresses a live pod interface uses (its Workload record names them) that IPAM shows
+    as free or as held by another handle: the next assignment may hand them out again."""
+    skipped: int = 0
+    """Findings of the first read that a fresh read did not confirm (writes in flight)."""
 
     @property
     def clean(self) -> bool:
@@ -86,6 +104,7 @@ class CheckReport:
                 self.stale_affinities,
                 self.blocks_of_gone_nodes,
                 self.unrecorded_blocks,
+                self.addresses_not_held,
             )
         )
 
@@ -167,7 +186,30 @@ def analyze(snap: Snapshot) -> CheckReport:
     for blk in snap.blocks:
         if blk.affinity and (blk.affinity, blk.cidr) not in recorded:
             report.unrecorded_blocks.append(f"{blk.cidr} (node {blk.affinity})")
+    report.addresses_not_held.extend(_addresses_not_held(snap))
     return report
+
+
+def _addresses_not_held(snap: Snapshot) -> list[str]:
+    holders = {
+        ip: attr.handle_id
+        for blk in snap.blocks
+        if not blockmath.check_block(blk)
+        for ip, attr, _ in blockmath.allocated(blk)
+    }
+    found = []
+    for w in snap.workloads:
+        for text in w.addresses:
+            holder = holders.get(IPAddress(text))
+            if holder == w.handle_id:
+                continue
+            where = "free in IPAM" if holder is None else f"held by handle {holder!r}"
+            pod = f"{w.namespace}/{w.pod}" if w.pod else "-"
+            found.append(
+                f"{text} used by pod {pod} interface {w.ifname or '-'} on node {w.node} "
+                f"(handle {w.handle_id!r}) but {where}"
+            )
+    return found
 
 
 def take_snapshot(ipam: IPAM, liveness: OwnerLiveness) -> Snapshot:
@@ -179,8 +221,40 @@ def take_snapshot(ipam: IPAM, liveness: OwnerLiveness) -> Snapshot:
         handles=[parse_handle(r) for r in store.list("IPAMHandle").items],
         nodes=[parse_node(r) for r in store.list("Node").items],
         live_pods=liveness.live_pods(),
+        workloads=(
+            [parse_workload(r) for r in store.list("Workload").items]
+            if store.holds_workloads
+            else []
+        ),
     )
 
 
-def check(ipam: IPAM, liveness: OwnerLiveness) -> CheckReport:
-    return analyze(take_snapshot(ipam, liveness))
+def check(
+    ipam: IPAM,
+    liveness: OwnerLiveness,
+    recheck_after: float = RECHECK_AFTER,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CheckReport:
+    """The findings of one snapshot that a fresh snapshot `recheck_after` seconds later
+    finds again, unchanged; the others are counted as skipped."""
+    first = analyze(take_snapshot(ipam, liveness))
+    if first.clean:
+        return first
+    sleep(recheck_after)
+    return confirmed(first, analyze(take_snapshot(ipam, liveness)))
+
+
+def confirmed(first: CheckReport, fresh: CheckReport) -> CheckReport:
+    """`fresh`'s findings that `first` had too; how many of `first`'s it did not repeat."""
+    kept: dict[str, Any] = {}
+    skipped = 0
+    for f in fields(CheckReport):
+        before, now = getattr(first, f.name), getattr(fresh, f.name)
+        if isinstance(before, dict):
+            kept[f.name] = {k: v for k, v in now.items() if before.get(k) == v}
+        elif isinstance(before, list):
+            kept[f.name] = [item for item in now if item in before]
+        else:
+            continue
+        skipped += max(0, len(before) - len(kept[f.name]))
+    return CheckReport(**kept, skipped=skipped)

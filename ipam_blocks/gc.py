@@ -19,6 +19,7 @@ from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import CLAIMED_AT_ANNOTATION, IPAM
 from ipam_blocks.check import analyze, take_snapshot
 from ipam_blocks.errors import AlreadyExists, Conflict, InUse, NotFound
+from ipam_blocks.handles import find_by_handle, name_taken
 from ipam_blocks.liveness import OwnerLiveness
 from ipam_blocks.model import (
     AffinityState,
@@ -92,18 +93,27 @@ def _actual_counts(ipam: IPAM, handle_id: str) -> dict[str, int]:
 def _settle_handle(ipam: IPAM, handle_id: str, now: float, grace: float) -> bool:
     """Make a handle's counts equal its allocations; True once settled."""
     store = ipam.store
-    name = handle_name(handle_id)
 
     def attempt() -> bool:
         actual = _actual_counts(ipam, handle_id)
-        try:
-            res = store.get("IPAMHandle", name)
-        except NotFound:
+        res = find_by_handle(store, "IPAMHandle", handle_id)
+        if res is None:
             if actual:
                 try:
                     store.create(render_handle(Handle(handle_id, actual)))
                 except AlreadyExists:
-                    raise Conflict("IPAMHandle", name) from None
+                    if find_by_handle(store, "IPAMHandle", handle_id) is None:
+                        # Never count on another handle's object: left for an operator.
+                        log.warning(
+                            "cannot settle handle",
+                            extra={
+                                "op": "gc",
+                                "handle": handle_id,
+                                "reason": str(name_taken(store, "IPAMHandle", handle_id)),
+                            },
+                        )
+                        return False
+                    raise Conflict("IPAMHandle", handle_name(handle_id)) from None
             return True
         recorded = dict(res.spec.get("block") or {})
         if recorded == actual:
@@ -121,7 +131,7 @@ def _settle_handle(ipam: IPAM, handle_id: str, now: float, grace: float) -> bool
                 _annotate(res.with_spec({**res.spec, "block": actual}), SUSPECT_ANNOTATION, None)
             )
         else:
-            store.delete("IPAMHandle", name, res.revision)
+            store.delete("IPAMHandle", res.name, res.revision)
         log.info("settled handle", extra={"op": "gc", "handle": handle_id, "actual": actual})
         return True
 

@@ -5,6 +5,7 @@ Everything past this module sees `netaddr` networks, enums and ints, never raw s
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,8 +62,30 @@ def check_object_name(value: str, field_name: str) -> str:
     return value
 
 
+_HANDLE_DIGEST_CHARS = 16  # 64 bits of SHA-256: distinct ids never meet by accident
+
+
 def handle_name(handle_id: str) -> str:
-    return check_object_name(handle_id.lower(), "handle")
+    """The object name of a handle (and of its Workload record): the id itself when it is
+    already a valid name, so names stored before ids with capitals were told apart keep
+    theirs; otherwise the lowercased id plus a digest of the exact id, so ids that differ
+    only in case get different names. Names alone cannot be collision-free (an id may spell
+    another's derived name): readers compare the spec's exact `handleID` too
+    (`ipam_blocks.handles`)."""
+    lowered = check_object_name(handle_id.lower(), "handle")
+    if lowered == handle_id:
+        return handle_id
+    digest = hashlib.sha256(handle_id.encode()).hexdigest()[:_HANDLE_DIGEST_CHARS]
+    stem = lowered[: 253 - _HANDLE_DIGEST_CHARS - 1].rstrip("-.")
+    return f"{stem}-{digest}"
+
+
+def handle_names(handle_id: str) -> tuple[str, ...]:
+    """Where an object of this handle may be stored: its name, then the lowercased id under
+    which releases before per-case names stored ids with capitals."""
+    name = handle_name(handle_id)
+    legacy = handle_id.lower()
+    return (name,) if legacy == name else (name, legacy)
 
 
 # --- parsing helpers -------------------------------------------------------------------------
@@ -311,10 +334,12 @@ class Handle:
     handle_id: str
     blocks: Mapping[str, int]  # block CIDR -> addresses held there
     revision: str | None = None
+    stored_as: str | None = field(default=None, compare=False)
+    """The name it was read under (one stored before per-case names may differ)."""
 
     @property
     def name(self) -> str:
-        return handle_name(self.handle_id)
+        return self.stored_as or handle_name(self.handle_id)
 
     @property
     def total(self) -> int:
@@ -322,7 +347,7 @@ class Handle:
 
 
 def parse_handle(res: Resource) -> Handle:
-    return Handle(res.spec["handleID"], dict(res.spec.get("block") or {}), res.revision)
+    return Handle(res.spec["handleID"], dict(res.spec.get("block") or {}), res.revision, res.name)
 
 
 def render_handle(handle: Handle) -> Resource:
@@ -423,10 +448,12 @@ class Workload:
     netns: str = ""
     addresses: tuple[str, ...] = ()
     revision: str | None = None
+    stored_as: str | None = field(default=None, compare=False)
+    """The name it was read under (one stored before per-case names may differ)."""
 
     @property
     def name(self) -> str:
-        return handle_name(self.handle_id)
+        return self.stored_as or handle_name(self.handle_id)
 
 
 def parse_workload(res: Resource) -> Workload:
@@ -441,6 +468,7 @@ def parse_workload(res: Resource) -> Workload:
         netns=s.get("netns", ""),
         addresses=tuple(s.get("addresses", ())),
         revision=res.revision,
+        stored_as=res.name,
     )
 
 

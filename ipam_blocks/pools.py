@@ -7,6 +7,7 @@ import contextlib
 from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import AlreadyExists, InUse, InvalidInput, NotFound
+from ipam_blocks.handles import find_by_handle, name_taken
 from ipam_blocks.model import (
     IPPool,
     Node,
@@ -64,10 +65,15 @@ def add_node(ipam: IPAM, node: Node) -> Node:
 
 def record_workload(ipam: IPAM, workload: Workload) -> None:
     """Declare a live workload (embedded mode's liveness source); idempotent."""
-    with contextlib.suppress(AlreadyExists):
+    try:
         ipam.store.create(render_workload(workload))
+    except AlreadyExists:
+        if find_by_handle(ipam.store, "Workload", workload.handle_id) is None:
+            raise name_taken(ipam.store, "Workload", workload.handle_id) from None
 
 
 def forget_workload(ipam: IPAM, handle_id: str) -> None:
-    with contextlib.suppress(NotFound):
-        ipam.store.delete("Workload", Workload(handle_id, "").name)
+    res = find_by_handle(ipam.store, "Workload", handle_id)
+    if res is not None:
+        with contextlib.suppress(NotFound):
+            ipam.store.delete("Workload", res.name, res.revision)

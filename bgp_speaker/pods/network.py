@@ -175,6 +175,8 @@ class PodNetwork:
             fields = {"op": command.lower(), "node": self.node, "pod": _pod_of(req)}
             if req.container_id:
                 fields["handle"] = req.handle_id
+            if req.ignored:
+                fields["ignored"] = "; ".join(req.ignored)
             try:
                 result = verb(req)
             except Exception as err:
@@ -206,7 +208,10 @@ class PodNetwork:
                     f"container already attached to network {req.config.name}",
                     f"as interface {record.ifname!r}, not {req.ifname!r}",
                 )
-            if record is None or not record.addresses:
+            # Fresh: this call allocates. Otherwise the recorded addresses may be a running
+            # pod's, and a failed re-ADD must not take them away (the runtime's DEL may).
+            fresh = record is None or not record.addresses
+            if fresh:
                 _check_netns(req.netns)  # before anything is written: a clean error
             interrupted = record is not None  # an earlier ADD stopped before recording IPs
             try:
@@ -216,7 +221,8 @@ class PodNetwork:
                     record = self._allocate(req, record, clean_first=interrupted)
                 att = self.dp.attach(req.netns, req.ifname, host_ifname, _ips(record), mtu)
             except BaseException:
-                self._roll_back(handle)
+                if fresh:
+                    self._roll_back(handle)
                 raise
         return render_result(
             req.config.cni_version,
@@ -281,9 +287,18 @@ class PodNetwork:
     # --- DEL ------------------------------------------------------------------------------
 
     def delete(self, req: CniRequest) -> None:
-        handle = _checked_handle(req)
+        if not req.container_id or not req.ifname:
+            return  # left out as invalid (req.ignored): ADD attached nothing by such values
+        try:
+            handle = _checked_handle(req)
+        except CniError:
+            return  # ADD refuses a container ID no handle can be named after: nothing to do
         with self._locks.hold(handle):
             record = _store(lambda: self.records.get(handle), "get workload")
+            if record is not None and record.ifname != req.ifname:
+                # Another interface of this container holds the handle (this one's ADD was
+                # refused as a conflict): nothing of this interface is ours to remove.
+                return
             self._release(req, record, handle)
 
     def _release(self, req: CniRequest | None, record: Workload | None, handle: str) -> None:
@@ -309,7 +324,7 @@ class PodNetwork:
         pod whose ADD came before this DEL (its attach replaced our veth already)."""
         others = _store(self.records.on_node, "list workloads")
         return any(
-            w.name != handle_name(handle)
+            w.handle_id != handle
             and w.container_id
             and pod_host_ifname(w.namespace, w.pod, w.container_id) == host_ifname
             for w in others

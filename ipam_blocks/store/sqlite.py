@@ -8,6 +8,7 @@ sleeps in growing steps and collapses throughput under contention (8 allocators)
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -49,6 +50,45 @@ CHANGES_KEPT = 100_000
 COMPACT_EVERY = 1_000
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create the missing directories, each 0700 (whatever the umask); existing ones are
+    left as they are (a shared /var/lib is not ours to change)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            each.mkdir(mode=0o700)
+            os.chmod(each, 0o700)
+
+
+def _make_private_file(path: Path) -> None:
+    """The store holds every allocation and pod name: owner-only (0600), and so are the
+    -wal and -shm files, which SQLite creates with the database file's mode. Files left
+    readable by an older version are tightened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _tighten(fd)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            fd = os.open(f"{path}{suffix}", os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            _tighten(fd)
+        finally:
+            os.close(fd)
+
+
+def _tighten(fd: int) -> None:
+    st = os.fstat(fd)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
+
+
 def _encode(obj: Resource) -> str:
     return json.dumps(
         {"spec": obj.spec, "labels": obj.labels, "annotations": obj.annotations},
@@ -69,7 +109,8 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private_dirs(self.path.parent)
+            _make_private_file(self.path)
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise StoreUnavailable(f"sqlite store {self.path}: {e.strerror}") from e

@@ -128,7 +128,11 @@ def _register_ipam(verbs: argparse._SubParsersAction) -> None:
     show.add_argument("--ip", help="who holds this address")
     show.set_defaults(handler=_ipam_show)
 
-    chk = verbs.add_parser("check", help="report leaks and inconsistencies (exit 1 if any)")
+    chk = verbs.add_parser(
+        "check",
+        help="report leaks and inconsistencies that a fresh read confirms (exit 1 if any); "
+        "findings that change meanwhile are writes in flight, counted as skipped",
+    )
     chk.add_argument("-o", "--output", choices=("text", "json"), default="text")
     chk.set_defaults(handler=_ipam_check)
 

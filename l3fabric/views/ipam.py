@@ -158,6 +158,8 @@ def render_check_report(report: CheckReport) -> list[str]:
     problems = 0
     for f in fields(report):
         value = getattr(report, f.name)
+        if not isinstance(value, list | dict):
+            continue
         items = (
             [f"{k}: {'; '.join(v)}" for k, v in value.items()]
             if isinstance(value, dict)
@@ -166,6 +168,11 @@ def render_check_report(report: CheckReport) -> list[str]:
         problems += len(items)
         lines.append(f"{f.name.replace('_', ' ')}: {len(items)}")
         lines += [f"  {item}" for item in items]
+    if report.skipped:
+        lines.append(
+            f"skipped: {report.skipped} finding(s) a fresh read did not confirm "
+            "(writes in flight); run again to look at them once more"
+        )
     lines.append("ipam check: clean" if report.clean else f"ipam check: {problems} problem(s)")
     return lines
 

@@ -30,7 +30,8 @@ def test_records_round_trip_and_stay_per_node(tmp_path: Path) -> None:
     w = mine.create(Workload("Net.C1", "a", "ns", "p", "C1", "eth0", "/run/netns/x"))
     theirs.create(Workload("net.c2", "b"))
     w = mine.set_addresses(w, ("10.0.0.1",))
-    assert mine.get("net.c1") == w  # handle names are lowercased, ids kept as given
+    assert mine.get("Net.C1") == w
+    assert mine.get("net.c1") is None  # ids are compared exactly, never case-folded
     assert [r.handle_id for r in mine.on_node()] == ["Net.C1"]
     mine.forget("Net.C1")
     mine.forget("Net.C1")
