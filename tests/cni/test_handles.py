@@ -16,7 +16,8 @@ import pytest
 
 from cni import errors
 from tests.agent.harness import HOST_ADDRESS, REPO, AgentProcess, NodeHarness, node_harness
-from tests.cni.test_plugin import assert_error, assert_pings, ip_of, ns_name
+from tests.cni.runtime import assert_cni_error
+from tests.cni.test_plugin import assert_pings, ip_of, ns_name
 
 pytestmark = pytest.mark.root
 _ids = count()
@@ -74,7 +75,7 @@ def test_del_of_a_refused_second_interface_leaves_the_first_alone(
     first = node.add(pod)
     second = replace(pod, ifname="eth1")
 
-    assert_error(node.cni("ADD", second), errors.ATTACHMENT_CONFLICT, "eth0")
+    assert_cni_error(node.cni("ADD", second), errors.ATTACHMENT_CONFLICT, "eth0")
     run = node.cni("DEL", second)  # what a runtime does after a failed ADD
     assert run.ok, run
 
