@@ -4,6 +4,7 @@ L3FabricError
 ├── InvalidInput          bad input; report it (CLI exit 2, CNI code 7). Names the field.
 ├── StoreError            the datastore said no
 │   ├── NotFound
+│   │   └── BeingDeleted  still there but going (a finalizer holds it): treat it as gone
 │   ├── AlreadyExists
 │   ├── Conflict          stale revision: re-read, re-apply, retry
 │   ├── SecretUnreadable  a Secret the caller needs cannot be read (yet)
@@ -38,6 +39,16 @@ class StoreError(L3FabricError):
 class NotFound(StoreError):
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(f"{kind} {name!r} not found")
+        self.kind = kind
+        self.name = name
+
+
+class BeingDeleted(NotFound):
+    """The object is being deleted (held only by a finalizer): it is not written any more, and
+    whoever meant to change it treats it as leaving."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        StoreError.__init__(self, f"{kind} {name!r} is being deleted")
         self.kind = kind
         self.name = name
 

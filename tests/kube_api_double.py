@@ -9,7 +9,14 @@ tell the difference:
   openAPIV3Schema (undeclared fields vanish, non-nullable nulls are dropped, defaults applied),
   then validated against it (types, int32/int64, enum, required, minimum/maximum, ...); a
   violation is a 422 `Invalid` Status whose causes name the field.
-- `/api/v1/nodes[/{name}]`: list, watch, create, get, replace, JSON-patch, delete.
+- `/api/v1/nodes[/{name}]`: list, watch, create, get, replace, patch (JSON patch and JSON merge
+  patch, applied to the object as stored when the request arrives), delete.
+- Finalizers: deleting an object whose `metadata.finalizers` is not empty only sets its
+  `deletionTimestamp` (a MODIFIED event); it stays readable and writable (no new finalizers)
+  until a write removes the last finalizer, which deletes it. deletionTimestamp is server-owned.
+- Other writers: `node_controller` (a `NodeController`) simulates a controller beside l3fabric
+  that writes annotations, labels, taints and a finalizer to every new Node shortly after its
+  creation, through the same write path (new resourceVersion, a MODIFIED event).
 - `/api/v1/pods` (list across namespaces) and `/api/v1/namespaces/{ns}/pods[/{name}[/status]]`
   (list, create, get, delete, replace status) so tests can make pods come and go.
 - `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: list, watch, create, get,
@@ -28,8 +35,9 @@ tell the difference:
   double writes. Query parameters that would change semantics but are not implemented
   (fieldSelector, dryRun, ...) are refused with 400 so nobody silently relies on them.
 
-Every request is recorded in `requests` (method, path, query) so tests can derive the RBAC rules
-the code needs. `fail_next(code)` makes the next request(s) fail with a server error.
+Every request is recorded in `requests` (method, path, query, JSON body) so tests can derive the
+RBAC rules the code needs and see what a write sends. `fail_next(code)` makes the next
+request(s) fail with a server error.
 """
 
 from __future__ import annotations
@@ -86,6 +94,8 @@ _OBJECT_META = frozenset(
         "selfLink",
     }
 )
+# ObjectMeta fields only a delete sets; clients cannot set or clear them.
+_DELETION_META = ("deletionTimestamp", "deletionGracePeriodSeconds")
 # Query parameters that change what the server does but that the double does not implement.
 _REFUSED_PARAMS = frozenset(
     {"fieldSelector", "dryRun", "resourceVersionMatch", "sendInitialEvents", "propagationPolicy"}
@@ -507,6 +517,32 @@ class RecordedRequest:
     method: str
     path: str
     query: Mapping[str, str]
+    body: Any = None  # the JSON-decoded request body (None: none, or not JSON)
+
+
+@dataclass(frozen=True)
+class NodeController:
+    """A controller that writes Nodes beside l3fabric (a cloud node controller, a lifecycle
+    manager): `delay` seconds after a Node is created it adds these labels, annotations and
+    taints, and `finalizer` (so deleting the Node leaves it being deleted until someone removes
+    the finalizer). `writes` counts the Nodes it has written."""
+
+    delay: float = 0.2
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Mapping[str, str], ...] = ()
+    finalizer: str | None = None
+    writes: list[str] = field(default_factory=list, compare=False)
+
+    def apply(self, node: dict[str, Any]) -> None:
+        meta = node["metadata"]
+        meta["annotations"] = {**(meta.get("annotations") or {}), **self.annotations}
+        meta["labels"] = {**(meta.get("labels") or {}), **self.labels}
+        if self.taints:
+            spec = node.setdefault("spec", {})
+            spec["taints"] = [*(spec.get("taints") or []), *map(dict, self.taints)]
+        if self.finalizer and self.finalizer not in (meta.get("finalizers") or []):
+            meta["finalizers"] = [*(meta.get("finalizers") or []), self.finalizer]
 
 
 @dataclass
@@ -548,8 +584,11 @@ class KubeApiDouble:
         kubeconfig: Path | None = None,
         default_watch_timeout: float = 1800.0,
         max_watch_seconds: float | None = None,
+        node_controller: NodeController | None = None,
     ) -> None:
         self.token = token
+        self.node_controller = node_controller
+        self._timers: list[threading.Timer] = []
         self.types: dict[tuple[str, str], ResourceType] = {
             (t.api_version, t.plural): t
             for t in (*load_crds(Path(crd_dir)), NODES, PODS, LEASES, SECRETS)
@@ -613,6 +652,9 @@ class KubeApiDouble:
             self._stopping = True
             self._cond.notify_all()
             sockets = list(self._sockets)
+            timers, self._timers = self._timers, []
+        for timer in timers:
+            timer.cancel()
         self._server.shutdown()
         self._server.server_close()
         for sock in sockets:
@@ -790,6 +832,8 @@ class KubeApiDouble:
             )
         meta = obj["metadata"]
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now())
+        for key in _DELETION_META:
+            meta.pop(key, None)  # server-owned: set by a delete, never by a client
         if rtype.schema is not None:
             meta["generation"] = 1
         if rtype is PODS:
@@ -804,7 +848,31 @@ class KubeApiDouble:
                     _details(rtype, name),
                 )
             self._write(rtype, namespace, obj, "ADDED", None)
+            if rtype is NODES and self.node_controller is not None:
+                self._schedule_node_controller(name, meta["uid"])
             return copy.deepcopy(obj)
+
+    def _schedule_node_controller(self, name: str, uid: str) -> None:
+        """The simulated controller's write, `delay` after creation (lock held)."""
+        controller = self.node_controller
+        assert controller is not None
+
+        def write() -> None:
+            with self._cond:
+                old = self._objects.get(NODES.plural, {}).get(("", name))
+                if self._stopping or old is None or old["metadata"]["uid"] != uid:
+                    return  # gone (or recreated) meanwhile
+                if "deletionTimestamp" in old["metadata"]:
+                    return  # being deleted: no new finalizers
+                new = copy.deepcopy(old)
+                controller.apply(new)
+                self._update(NODES, "", old, new)
+                controller.writes.append(name)
+
+        timer = threading.Timer(controller.delay, write)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def _replace(
         self,
@@ -836,18 +904,25 @@ class KubeApiDouble:
         self, rtype: ResourceType, namespace: str, name: str, req: _Request
     ) -> dict[str, Any]:
         content_type = req.headers.get("Content-Type", "").split(";")[0].strip()
-        if content_type != "application/json-patch+json":
+        if content_type == "application/json-patch+json":
+            if not isinstance(req.body, list):
+                raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
+            apply = _apply_json_patch
+        elif content_type == "application/merge-patch+json":
+            if not isinstance(req.body, dict):
+                raise ApiError(400, "BadRequest", "a JSON merge patch must be a JSON object")
+            apply = _apply_merge_patch
+        else:
             raise ApiError(
                 415,
                 "UnsupportedMediaType",
                 f"the body of the request was in an unknown format - accepted media types include: "
-                f"application/json-patch+json (test double: only JSON patch), got {content_type!r}",
+                "application/json-patch+json, application/merge-patch+json (test double: no "
+                f"strategic merge or apply patch), got {content_type!r}",
             )
-        if not isinstance(req.body, list):
-            raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
         with self._cond:
             old = self._stored(rtype, namespace, name)
-            patched = _apply_json_patch(copy.deepcopy(old), req.body)
+            patched = apply(copy.deepcopy(old), req.body)
         # The patched object goes through the same admission as a PUT (and its CAS check).
         req.body = patched
         new = self._admit(rtype, namespace, req)
@@ -875,9 +950,20 @@ class KubeApiDouble:
     ) -> dict[str, Any]:
         """Store `new` over `old` (lock held). Server-owned metadata comes from `old`."""
         meta = new["metadata"]
-        for key in ("uid", "creationTimestamp", "generation", "namespace"):
+        for key in ("uid", "creationTimestamp", "generation", "namespace", *_DELETION_META):
+            meta.pop(key, None)
             if key in old["metadata"]:
                 meta[key] = old["metadata"][key]
+        deleting = "deletionTimestamp" in old["metadata"]
+        if deleting and set(meta.get("finalizers") or ()) - set(
+            old["metadata"].get("finalizers") or ()
+        ):
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{rtype.qualified_kind} "{meta["name"]}" is invalid: metadata.finalizers: '
+                "Forbidden: no new finalizers can be added if the object is being deleted",
+            )
         if rtype is NODES:
             new["status"] = copy.deepcopy(old.get("status", {}))  # status is a subresource
             if not new["status"]:
@@ -885,6 +971,9 @@ class KubeApiDouble:
         meta["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
             return copy.deepcopy(old)  # no-op writes keep the revision and emit no event
+        if deleting and not meta.get("finalizers"):
+            self._write(rtype, namespace, new, "DELETED", old)  # the last finalizer is gone
+            return copy.deepcopy(new)
         if rtype.schema is not None and new.get("spec") != old.get("spec"):
             meta["generation"] = old["metadata"].get("generation", 1) + 1
         self._write(rtype, namespace, new, "MODIFIED", old)
@@ -903,6 +992,15 @@ class KubeApiDouble:
                 raise _precondition_failed(rtype, name, "ResourceVersion", want_rv, have_rv)
             if want_uid is not None and want_uid != old["metadata"]["uid"]:
                 raise _precondition_failed(rtype, name, "UID", want_uid, old["metadata"]["uid"])
+            if old["metadata"].get("finalizers"):
+                # Held by a finalizer: marked, still there, gone once the last one is removed.
+                if "deletionTimestamp" not in old["metadata"]:
+                    marked = copy.deepcopy(old)
+                    marked["metadata"].update(
+                        deletionTimestamp=_now(), deletionGracePeriodSeconds=0
+                    )
+                    self._write(rtype, namespace, marked, "MODIFIED", old)
+                return copy.deepcopy(self._stored(rtype, namespace, name))
             gone = copy.deepcopy(old)
             self._write(rtype, namespace, gone, "DELETED", old)
         if rtype is PODS:
@@ -1275,36 +1373,38 @@ def _validate_lease(lease: Mapping[str, Any]) -> list[FieldError]:
 
 
 def _apply_json_patch(doc: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
-    """RFC 6902 add/replace/remove/test on object members (all a Node metadata patch needs)."""
+    """RFC 6902 add/replace/remove/test on object members and array elements, as the real
+    server applies it: to the object as stored, all or nothing, a missing parent is an error."""
     for op in ops:
         if not isinstance(op, dict) or "path" not in op or "op" not in op:
             raise ApiError(400, "BadRequest", f"invalid JSON patch operation {op!r}")
-        tokens = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].split("/")[1:]]
+        path = op["path"]
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
         if not tokens:
             raise ApiError(422, "Invalid", "JSON patch on the whole document is not supported")
         parent: Any = doc
         for token in tokens[:-1]:
-            if not isinstance(parent, dict) or token not in parent:
-                raise ApiError(422, "Invalid", f"JSON patch: path {op['path']} does not exist")
-            parent = parent[token]
-        if not isinstance(parent, dict):
-            raise ApiError(
-                422, "Invalid", f"JSON patch: only object members are supported ({op['path']})"
-            )
+            parent = _child(parent, token, path)
         last = tokens[-1]
         match op["op"]:
+            case "add" if isinstance(parent, list):
+                index = len(parent) if last == "-" else _index(parent, last, path, end=True)
+                parent.insert(index, copy.deepcopy(op.get("value")))
             case "add":
-                parent[last] = copy.deepcopy(op.get("value"))
-            case "replace" | "remove" | "test" if last not in parent:
-                raise ApiError(422, "Invalid", f"JSON patch: path {op['path']} does not exist")
+                _container(parent, path)[last] = copy.deepcopy(op.get("value"))
+            case "replace" if isinstance(parent, list):
+                parent[_index(parent, last, path)] = copy.deepcopy(op.get("value"))
             case "replace":
+                _child(parent, last, path)
                 parent[last] = copy.deepcopy(op.get("value"))
+            case "remove" if isinstance(parent, list):
+                del parent[_index(parent, last, path)]
             case "remove":
+                _child(parent, last, path)
                 del parent[last]
-            case "test" if parent[last] != op.get("value"):
-                raise ApiError(422, "Invalid", f"JSON patch: test failed at {op['path']}")
             case "test":
-                pass
+                if _child(parent, last, path) != op.get("value"):
+                    raise ApiError(422, "Invalid", f"testing value {path} failed: test failed")
             case _:
                 raise ApiError(
                     400,
@@ -1312,6 +1412,46 @@ def _apply_json_patch(doc: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
                     f"JSON patch op {op['op']!r} not supported by the test double",
                 )
     return doc
+
+
+def _child(parent: Any, token: str, path: str) -> Any:
+    if isinstance(parent, list):
+        return parent[_index(parent, token, path)]
+    if not isinstance(parent, dict) or token not in parent:
+        raise ApiError(422, "Invalid", f"doc is missing path: {path}: missing value")
+    return parent[token]
+
+
+def _container(parent: Any, path: str) -> dict[str, Any]:
+    if not isinstance(parent, dict):
+        raise ApiError(422, "Invalid", f"doc is missing path: {path}: missing value")
+    return parent
+
+
+def _index(array: list[Any], token: str, path: str, *, end: bool = False) -> int:
+    if not token.isdigit() or int(token) > len(array) - (0 if end else 1):
+        raise ApiError(422, "Invalid", f"doc is missing path: {path}: invalid index {token!r}")
+    return int(token)
+
+
+def _apply_merge_patch(doc: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(doc) if isinstance(doc, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _apply_merge_patch(out.get(key), value)
+    return out
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1335,7 +1475,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = dict(parse_qsl(split.query, keep_blank_values=True))
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        double.requests.append(RecordedRequest(self.command, split.path, query))
+        double.requests.append(RecordedRequest(self.command, split.path, query, _json_or_none(raw)))
         req = _Request(self.command, split.path, query, self.headers)
         try:
             if self.headers.get("Authorization") != f"Bearer {double.token}":

@@ -29,14 +29,15 @@ from bgp_speaker.overlay.nat import NatTable
 from bgp_speaker.overlay.tunnels import EncapFib, Tunnels
 from bgp_speaker.routing.controller import RoutingController
 from ipam_blocks.allocator import IPAM
-from ipam_blocks.errors import Conflict, L3FabricError, NotFound
-from ipam_blocks.model import parse_node
+from ipam_blocks.errors import BeingDeleted, Conflict, L3FabricError, NotFound
+from ipam_blocks.model import Node, parse_node
 from ipam_blocks.store.base import Store
 
 log = logging.getLogger("l3fabric.agent.routing")
 
 NODE_POLL = 1.0
 STATUS_TIMEOUT = 10.0
+IDENTITY_WRITE_ATTEMPTS = 5
 
 
 class RoutingHolder:
@@ -90,29 +91,49 @@ def _identity(
     store: Store, node: str, detect: Callable[[], IPNetwork | None] = lambda: None
 ) -> tuple[Any, int, int] | None:
     """(router id, local AS, listen port) once the node has an address. A node without one
-    gets the detected address written to it (in a cluster: its annotation), as Calico does."""
-    try:
-        res = store.get("Node", node)
-    except NotFound:
+    gets the detected address written to it (in a cluster: its annotation), as Calico does.
+    A Node being deleted is leaving: it gets no address and routing does not start."""
+    me = _node_with_address(store, node, detect)
+    if me is None:
         return None
-    me = parse_node(res)
-    address = node_address(me)
-    if address is None:
+    try:
+        cfg = parse_bgp_config(store.get("BGPConfiguration", BGP_CONFIG_NAME))
+    except NotFound:
+        cfg = parse_bgp_config(None)
+    return node_address(me), me.as_number or cfg.as_number, cfg.listen_port
+
+
+def _node_with_address(
+    store: Store, node: str, detect: Callable[[], IPNetwork | None]
+) -> Node | None:
+    """The node, once it has an address; writes the detected one to a node without. Other
+    controllers write the Node too: a Conflict is re-read and re-applied at once (bounded;
+    after that the next poll tries again)."""
+    for _ in range(IDENTITY_WRITE_ATTEMPTS):
+        try:
+            res = store.get("Node", node)
+        except NotFound:
+            return None
+        me = parse_node(res)
+        if node_address(me) is not None:
+            return me
         detected = detect()
         if detected is None:
             return None
         try:
             me = parse_node(store.update(res.with_spec({**res.spec, "ipv4Address": str(detected)})))
         except Conflict:
-            return None  # changed meanwhile: look again on the next poll
+            continue  # changed meanwhile (by us or another controller): read it again
+        except BeingDeleted:
+            log.info("node is being deleted: no address written",
+                     extra={"op": "routing", "node": node})  # fmt: skip
+            return None
+        except NotFound:
+            return None
         log.info("detected node address", extra={"op": "routing", "node": node,
                                                  "address": str(detected)})  # fmt: skip
-        address = node_address(me)
-    try:
-        cfg = parse_bgp_config(store.get("BGPConfiguration", BGP_CONFIG_NAME))
-    except NotFound:
-        cfg = parse_bgp_config(None)
-    return address, me.as_number or cfg.as_number, cfg.listen_port
+        return me
+    return None
 
 
 async def run_routing(

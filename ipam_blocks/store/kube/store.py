@@ -26,7 +26,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, watch
 
-from ipam_blocks.errors import InvalidInput
+from ipam_blocks.errors import BeingDeleted, Conflict, InvalidInput
 from ipam_blocks.selector import EVERYTHING, LabelSelector
 from ipam_blocks.store.base import CRD_PLURALS, EventType, Listing, Resource, WatchEvent
 from ipam_blocks.store.kube.api import API_VERSION, CONNECT_TIMEOUT, GROUP, VERSION, KubeApi
@@ -103,26 +103,40 @@ class KubeStore:
         if obj.revision is None:
             raise InvalidInput("revision", "update needs the revision the object was read at")
         body = self._encode(obj, with_revision=True)
+        if obj.kind == "Node":
+            return self._patch_node(obj, body["metadata"])
         with self._kube.translate(obj.kind, obj.name):
-            if obj.kind == "Node":
-                # A JSON patch of labels and annotations only: replacing the whole Node would
-                # need a full, current copy of everything else the kubelet and others own.
-                # The resourceVersion in the patch makes it a compare-and-swap like a replace.
-                meta = body["metadata"]
-                patch = [
-                    {"op": "add", "path": f"/metadata/{key}", "value": meta.get(key) or {}}
-                    for key in ("labels", "annotations")
-                ]
-                patch.append(
-                    {"op": "add", "path": "/metadata/resourceVersion", "value": obj.revision}
-                )
-                raw = self._kube.call(self._kube.core.patch_node, obj.name, patch)
-            else:
-                raw = self._kube.call(
-                    self._kube.custom.replace_cluster_custom_object,
-                    GROUP, VERSION, CRD_PLURALS[obj.kind], obj.name, body,
-                )  # fmt: skip
+            raw = self._kube.call(
+                self._kube.custom.replace_cluster_custom_object,
+                GROUP, VERSION, CRD_PLURALS[obj.kind], obj.name, body,
+            )  # fmt: skip
         return self._decode(obj.kind, raw)
+
+    def _patch_node(self, obj: Resource, meta: Mapping[str, Any]) -> Resource:
+        """Write only the labels and annotations `obj` changes, never the whole Node.
+
+        Other controllers write Nodes too (the kubelet, cloud and lifecycle controllers): a
+        JSON patch naming only the changed keys cannot overwrite their parts, and the
+        resourceVersion in it keeps the store's compare-and-swap (a write in between is a 409,
+        the caller re-reads and re-applies). A Node being deleted is not written at all.
+        """
+        with self._kube.translate("Node", obj.name):
+            current = self._kube.call(self._kube.core.read_node, obj.name)
+        current_meta = current.get("metadata") or {}
+        if current_meta.get("deletionTimestamp"):
+            raise BeingDeleted("Node", obj.name)
+        if current_meta.get("resourceVersion") != obj.revision:
+            raise Conflict("Node", obj.name)
+        patch = [
+            *_map_patch("labels", current_meta.get("labels"), meta["labels"]),
+            *_map_patch("annotations", current_meta.get("annotations"), meta["annotations"]),
+        ]
+        if not patch:
+            return self._decode("Node", current)  # nothing to change: no write
+        patch.append({"op": "replace", "path": "/metadata/resourceVersion", "value": obj.revision})
+        with self._kube.translate("Node", obj.name):
+            raw = self._kube.call(self._kube.core.patch_node, obj.name, patch)
+        return self._decode("Node", raw)
 
     def delete(self, kind: str, name: str, revision: str | None = None) -> None:
         api = self._api(kind)
@@ -278,6 +292,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def _map_patch(
+    field: str, current: Mapping[str, str] | None, wanted: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """JSON patch operations turning metadata.`field` from `current` into `wanted`, one key
+    at a time (keys `wanted` keeps unchanged are not mentioned)."""
+    if not current:
+        return (
+            [{"op": "add", "path": f"/metadata/{field}", "value": dict(wanted)}] if wanted else []
+        )
+    ops: list[dict[str, Any]] = []
+    for key in sorted(current.keys() | wanted.keys()):
+        path = f"/metadata/{field}/{_pointer(key)}"
+        if key not in wanted:
+            ops.append({"op": "remove", "path": path})
+        elif current.get(key) != wanted[key]:
+            ops.append({"op": "add", "path": path, "value": wanted[key]})
+    return ops
+
+
+def _pointer(key: str) -> str:
+    """`key` as one JSON pointer token (RFC 6901): label keys hold '/'."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _node_annotations(obj: Resource) -> dict[str, str]:
