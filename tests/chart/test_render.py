@@ -58,6 +58,7 @@ def test_manifests_validate_against_kubernetes_1_30(render, values):
     objects = [o for o in render(values) if not o["apiVersion"].startswith("l3fabric.io/")]
     kinds = {o["kind"] for o in objects}
     assert {"DaemonSet", "Deployment", "ServiceAccount", "ClusterRole", "Role"} <= kinds
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
     errors = []
     for obj in [*objects, *crd_objects()]:
         try:
@@ -199,7 +200,8 @@ def test_agent_daemonset_runs_on_every_linux_node_with_least_privilege(render):
     assert ctx["privileged"] is False
     assert ctx["capabilities"] == {
         "drop": ["ALL"],
-        "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "SYS_ADMIN"],
+        # No NET_RAW: nothing in the agent or ExaBGP opens a raw or packet socket.
+        "add": ["NET_ADMIN", "NET_BIND_SERVICE", "SYS_ADMIN"],
     }
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert {"/var/run/netns", "/opt/cni/bin", "/etc/cni/net.d", "/var/run/l3fabric"} <= host_paths
