@@ -1,8 +1,12 @@
 """The agent's local API: a unix socket speaking `cni.protocol`, dispatching to ops.
 
 Each op is a plain blocking function `args -> result` (IPAM and netlink block), run in a
-bounded thread pool so the event loop stays free for the agent's other work. A client may
-send several requests on one connection; they are answered in order.
+thread of its own, at most `workers` at a time, so the event loop stays free for the agent's
+other work. An op that has not finished after `op_timeout` is given up on: its caller hears
+"try again later" and its slot goes to the next request, so one call stuck in the kernel or
+the store can never stall other pods (its thread finishes, or not, on its own; the runtime's
+retry meets the per-attachment lock and waits its turn). A client may send several requests
+on one connection; they are answered in order.
 
 Shutdown stops accepting, lets requests already running finish (a pod half set up is worse
 than a refused one: the runtime retries a refused ADD), then closes every connection.
@@ -16,8 +20,8 @@ import logging
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +32,27 @@ from ipam_blocks.errors import L3FabricError
 log = logging.getLogger("l3fabric.agent.api")
 Op = Callable[[dict[str, Any]], Any]
 
+# Below the shim's 60 s: the runtime hears "try again later" from us, not its own timeout.
+DEFAULT_OP_TIMEOUT = 50.0
+
 
 class SocketInUse(L3FabricError):
     """Another process answers on the socket path (an agent already runs)."""
 
 
 class ApiServer:
-    def __init__(self, path: Path, ops: Mapping[str, Op], *, workers: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ops: Mapping[str, Op],
+        *,
+        workers: int,
+        op_timeout: float = DEFAULT_OP_TIMEOUT,
+    ) -> None:
         self.path = path
         self.ops = dict(ops)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="api")
+        self._slots = asyncio.Semaphore(workers)
+        self._op_timeout = op_timeout
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -72,8 +87,7 @@ class ApiServer:
             writer.close()
         if self._server is not None:
             await self._server.wait_closed()
-        # Threads still busy (only after the grace period) finish on their own; don't wait.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Threads still busy (only after the grace period) are daemons: not waited for.
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
@@ -111,8 +125,7 @@ class ApiServer:
             fn = self.ops.get(op)
             if fn is None:
                 raise CniError(INVALID_CONFIG, f"unknown op {op!r}", f"ops: {sorted(self.ops)}")
-            loop = asyncio.get_running_loop()
-            return encode_result(await loop.run_in_executor(self._executor, fn, args))
+            return encode_result(await self._run(op, fn, args))
         except CniError as err:
             return encode_error(err)
         except Exception as err:  # an op's bug must not take the agent down
@@ -122,6 +135,25 @@ class ApiServer:
             self._running -= 1
             if not self._running:
                 self._idle.set()
+
+    async def _run(self, op: str, fn: Op, args: dict[str, Any]) -> Any:
+        await self._slots.acquire()
+        try:
+            done = _in_thread(op, fn, args)
+            try:
+                return await asyncio.wait_for(asyncio.shield(done), self._op_timeout)
+            except TimeoutError:
+                log.error(
+                    "op given up on",
+                    extra={"op": op, "reason": f"still running after {self._op_timeout:g} s"},
+                )
+                raise CniError(
+                    TRY_AGAIN_LATER,
+                    f"{op} did not finish within {self._op_timeout:g} s",
+                    "the agent stopped waiting for it; try again later",
+                ) from None
+        finally:
+            self._slots.release()
 
     def _unlink(self) -> None:
         # Only our own socket: a new agent may already have bound the path.
@@ -169,3 +201,28 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise SocketInUse(f"another agent is listening on {path}")
+
+
+def _in_thread(op: str, fn: Op, args: dict[str, Any]) -> asyncio.Future[Any]:
+    """`fn(args)` in a daemon thread of its own; the future settles when it returns."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def work() -> None:
+        try:
+            result, error = fn(args), None
+        except BaseException as err:  # handed to the event loop, raised to the caller there
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop closed while we ran: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"api-{op}", daemon=True).start()
+    return done

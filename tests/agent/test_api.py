@@ -6,6 +6,7 @@ import asyncio
 import socket
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,29 @@ def test_deep_or_oversized_frames_are_refused_in_one_log_line(
     refused = [r for r in caplog.records if r.getMessage() == "refused a request"]
     assert [r.code for r in refused] == [errors.UNDECODABLE_CONFIG, errors.INVALID_CONFIG]  # type: ignore[attr-defined]
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_ops_that_never_finish_are_given_up_on_and_stall_nobody(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    stuck = threading.Event()  # never set before the end: an op blocked in the kernel, say
+
+    async def main() -> None:
+        ops = {"hang": lambda args: stuck.wait(30), "echo": lambda args: args}
+        server = ApiServer(path, ops, workers=2, op_timeout=0.5)
+        await server.start()
+        try:
+            started = time.monotonic()
+            hung = [asyncio.create_task(request(path, "hang")) for _ in range(3)]  # > workers
+            for task in hung:
+                with pytest.raises(CniError) as err:
+                    await task
+                assert err.value.code == errors.TRY_AGAIN_LATER
+                assert "did not finish within 0.5 s" in err.value.msg
+            # Every slot was given back: other pods are served at once, hung threads or not.
+            assert await request(path, "echo", {"pod": "next"}) == {"pod": "next"}
+            assert time.monotonic() - started < 5
+        finally:
+            stuck.set()
+            await server.shutdown(5)
+
+    asyncio.run(main())
