@@ -7,8 +7,6 @@ does not hold for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from netaddr import IPAddress, IPNetwork
 
@@ -34,13 +32,6 @@ from ipam_blocks.store.sqlite import SqliteStore
 from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 NODE = "n1"
-
-
-@pytest.fixture
-def store(tmp_path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "ipam.db")
-    yield s
-    s.close()
 
 
 @pytest.fixture
