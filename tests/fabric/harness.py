@@ -37,7 +37,7 @@ from ipam_blocks import block as blockmath
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.model import AffinityState
 from ipam_blocks.store import open_store
-from ipam_blocks.store.base import Store
+from ipam_blocks.store.base import Resource, Store
 from l3fabric.lab import host
 from l3fabric.lab.layout import LabPaths
 from l3fabric.lab.state import StateFile
@@ -47,6 +47,7 @@ MESH3 = REPO / "tests" / "topologies" / "mesh3.clab.yml"
 NODES = ("n1", "n2", "n3")
 ADDRESS = {"n1": "10.0.0.11", "n2": "10.0.0.12", "n3": "10.0.0.13"}
 CONVERGE = 60.0
+HOLD = 3  # the shortest hold time BGP allows; keepalive 1 s
 """Seconds the fabric gets to converge after a change (sessions take ~5 s here; the machine
 is shared, so the deadline is generous)."""
 
@@ -410,3 +411,13 @@ class RouteMonitor:
 def only(values: set[str]) -> str:
     assert len(values) == 1, values
     return next(iter(values))
+
+
+def fast_failure_config() -> Resource:
+    """The BGPConfiguration of the failure tests: the shortest hold time, no graceful
+    restart, so a dead peer's routes go within HOLD seconds."""
+    return Resource(
+        "BGPConfiguration",
+        "default",
+        {"holdTime": HOLD, "keepaliveTime": 1, "gracefulRestartTime": 0},
+    )

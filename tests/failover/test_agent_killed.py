@@ -18,21 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from ipam_blocks.store.base import Resource
 from l3fabric.lab import host
 from tests.fabric.harness import (
     ADDRESS,
     CONVERGE,
+    HOLD,
     Fabric,
     eventually,
+    fast_failure_config,
     mesh3_document,
     needs_fabric,
     running_lab,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, needs_fabric]
-
-HOLD = 3  # the shortest hold time BGP allows; keepalive 1 s
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +40,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     with running_lab(tmp, mesh3_document()) as lab:
         changed = time.time()
         with lab.store() as store:
-            store.create(
-                Resource(
-                    "BGPConfiguration",
-                    "default",
-                    {"holdTime": HOLD, "keepaliveTime": 1, "gracefulRestartTime": 0},
-                )
-            )
+            store.create(fast_failure_config())
         lab.add_pod("n1", "h15b-a1")
         lab.wait_sessions_after(changed)  # renegotiated with the new timers, without GR
         lab.wait_converged()

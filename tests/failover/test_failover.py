@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import pytest
 
 from bgp_speaker.overlay.encap import VXLAN_DEVICE
-from ipam_blocks.store.base import Resource
 from l3fabric.lab import host
 from tests.encap.overlay_lab import (
     ADDRESS,
@@ -31,12 +30,11 @@ from tests.encap.overlay_lab import (
     OverlayFabric,
     two_subnets_document,
 )
-from tests.fabric.harness import eventually, needs_fabric, running_lab
+from tests.fabric.harness import HOLD, eventually, fast_failure_config, needs_fabric, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, needs_fabric]
 
 RESTARTS = 3
-HOLD = 3  # the shortest hold time BGP allows; keepalive 1 s
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +127,7 @@ def test_a_crashed_exabgp_is_restarted_and_forwarding_goes_on(lab: OverlayFabric
 def test_a_dead_node_is_forgotten_within_hold_time(lab: OverlayFabric) -> None:
     changed = time.time()
     with lab.store() as store:
-        store.create(
-            Resource(
-                "BGPConfiguration",
-                "default",
-                {"holdTime": HOLD, "keepaliveTime": 1, "gracefulRestartTime": 0},
-            )
-        )
+        store.create(fast_failure_config())
     lab.wait_sessions_after(changed)  # renegotiated with the new timers, without GR
     n3_block = lab.block_of("n3")
     for node in ("n1", "n2"):
