@@ -62,6 +62,10 @@ RUN set -eux; \
 FROM ${PYTHON_IMAGE}
 
 COPY --from=build /opt/l3fabric/python /opt/l3fabric/python
+# BIRD 2 reflects routes on route reflector nodes (the agent renders and supervises it).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bird2 \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed non-root user: what the IPAM GC runs as. The agent and install-cni run as root (they
 # write host directories and program the node's network; see the chart), with only the
 # capabilities they need.

@@ -10,17 +10,16 @@ holds the decisions that go beyond the node mesh:
   the communities of every exported prefix.
 - `Peering` (on the event loop): the sessions to configure now (`SessionHandover`:
   make-before-break; `PrefixLimits`: peers cut off for exceeding `maxPrefixes`), the peers'
-  BGP identifiers from their OPENs, and route reflection: after every RIB change the
-  affected prefixes go through `reflector.Reflector` and only the differences from what each
-  neighbour holds (`AdjRibOut`) are sent with `ExaBGPSpeaker.reflect` / `withdraw(peers=)`.
+  BGP identifiers from their OPENs, and the communities on our own routes.
+
+Route reflection is not here: a reflector node runs BIRD for it (`reflection`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address
 from typing import Any
@@ -30,7 +29,6 @@ from bgp_speaker.bgp.handover import SessionHandover
 from bgp_speaker.bgp.limits import PrefixLimits
 from bgp_speaker.bgp.passwords import PasswordUnavailable, resolve_password
 from bgp_speaker.bgp.policy import AcceptRule, PeerPolicy, export_communities, parse_accept_rules
-from bgp_speaker.bgp.reflector import AdjRibOut, Reflector, neighbours_from_sessions
 from bgp_speaker.bgp.rib import ImportPolicy, Rib
 from bgp_speaker.bgp.routes import (
     EndOfRib,
@@ -44,7 +42,6 @@ from bgp_speaker.bgp.routes import (
     SpeakerRestarted,
 )
 from bgp_speaker.bgp.sessions import desired_sessions, node_address
-from bgp_speaker.bgp.speaker import ReflectingSpeaker
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.model import Node
 from ipam_blocks.store.base import Resource, Store
@@ -60,8 +57,6 @@ class PeeringDesired:
 
     cluster_id: IPv4Address | None = None
     """Ours, when this node reflects (and the ID is a valid A.B.C.D)."""
-    cluster_ids: Mapping[IPAddr, IPv4Address] = field(default_factory=dict)
-    """Of the l3fabric nodes we peer with that are reflectors."""
     next_hop_self: frozenset[IPAddr] = frozenset()
     """Peers whose BGPPeer says `nextHopMode: Self` (reflected routes get our address)."""
     accept: tuple[tuple[IPAddr, tuple[AcceptRule, ...]], ...] = ()
@@ -112,21 +107,14 @@ def read_peering(
         return next((passwords.get(p.name) for p in peers if p.password is ref), None)
 
     sessions = desired_sessions(me, nodes, cfg, peers, password_of)
-    cluster_id = _cluster_id(me)
-    addresses: dict[IPAddr | None, Node] = {node_address(n): n for n in nodes}
-    cluster_ids: dict[IPAddr, IPv4Address] = {}
-    for s in sessions:
-        other = addresses.get(s.peer_ip)
-        if other is not None and (cid := _cluster_id(other)) is not None:
-            cluster_ids[s.peer_ip] = cid
+    addresses = {node_address(n) for n in nodes}
     next_hop_self = frozenset(
         s.peer_ip
         for s in sessions
         if (p := by_name.get(s.name)) is not None and p.next_hop_mode is NextHopMode.SELF
     )
     desired = PeeringDesired(
-        cluster_id=cluster_id,
-        cluster_ids=cluster_ids,
+        cluster_id=_cluster_id(me),
         next_hop_self=next_hop_self,
         accept=tuple(sorted(accept.items(), key=lambda kv: (kv[0].version, kv[0]))),
         communities=cfg,
@@ -154,24 +142,20 @@ def _cluster_id(node: Node) -> IPv4Address | None:
 def peer_policy(base: ImportPolicy, desired: PeeringDesired) -> PeerPolicy:
     """The controller's fabric policy with the per-peer parts added."""
     values = {f.name: getattr(base, f.name) for f in fields(base) if f.init}
-    return PeerPolicy(**values, cluster_id=desired.cluster_id, accept=desired.accept)
+    return PeerPolicy(**values, accept=desired.accept)
 
 
 class Peering:
     """Event-loop state: configured sessions, limits, router ids and reflection."""
 
-    def __init__(self, rib: Rib, speaker: ReflectingSpeaker) -> None:
+    def __init__(self, rib: Rib) -> None:
         self.rib = rib
-        self.speaker = speaker
         self.handover = SessionHandover()
         self.limits = PrefixLimits()
         self.router_ids: dict[IPAddr, IPv4Address] = {}
-        self.adj_out = AdjRibOut()
         self.exported: dict[IPNet, tuple[str, ...]] = {}
         self.configured: tuple[SessionSpec, ...] = ()
         self.desired = PeeringDesired()
-        self._reflector: Reflector | None = None
-        self._lock = asyncio.Lock()
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -187,14 +171,15 @@ class Peering:
         allowed = [s for s in self.limits.allowed(desired) if s.peer_ip not in waiting]
         nodes = self.desired.node_addresses
         planned = self.handover.plan(
-            allowed, established, end_of_rib, self._covered,
+            allowed, established, end_of_rib, self.covered,
             time.monotonic() if now is None else now, lambda peer: peer in nodes,
         )  # fmt: skip
         self.limits.set_sessions(planned)
         self.configured = planned
         return planned
 
-    def _covered(self, peer: IPAddr, retiring: Collection[IPAddr]) -> bool:
+    def covered(self, peer: IPAddr, retiring: Collection[IPAddr]) -> bool:
+        """Whether every prefix ``peer`` taught has a path from a session not in ``retiring``."""
         for prefix in self.rib.learned_from(peer):
             paths = self.rib.candidates(prefix)
             if any(p.peer == peer for p in paths) and not any(
@@ -249,77 +234,8 @@ class Peering:
             del self.exported[prefix]
         return groups
 
-    # --- reflection -------------------------------------------------------------------------
-
     def set_desired(self, desired: PeeringDesired) -> None:
         self.desired = desired
-
-    def _current_reflector(self) -> Reflector | None:
-        cluster_id = self.desired.cluster_id
-        if cluster_id is None:
-            return None
-        speaker_peers = _speaker_peers(self.speaker)
-        sessions = [s for s in self.configured if s.peer_ip in speaker_peers]
-        neighbours = neighbours_from_sessions(
-            sessions, self.router_ids, self.desired.cluster_ids, self.desired.next_hop_self
-        )
-        return Reflector(cluster_id, neighbours)
-
-    async def reflect(self, prefixes: Iterable[IPNet] | None = None) -> None:
-        """Send each neighbour what changed for `prefixes`; everything (as for None) when the
-        reflector or its neighbours changed since the last call."""
-        async with self._lock:
-            reflector = self._current_reflector()
-            if reflector is None and not self.adj_out.routes:
-                self._reflector = None
-                return
-            held = self.adj_out.neighbours()
-            wanted = set(reflector.neighbours) if reflector else set()
-            self.adj_out.forget(held - _speaker_peers(self.speaker))
-            full = prefixes is None or reflector != self._reflector
-            self._reflector = reflector
-            todo = (
-                set(self.rib.prefixes()) | self.adj_out.prefixes() if full else set(prefixes or ())
-            )
-            if not todo:
-                return
-            plan = (
-                reflector.plan(todo, self.rib.select)
-                if reflector
-                else {prefix: {} for prefix in todo}
-            )
-            changes = self.adj_out.update(plan, wanted | self.adj_out.neighbours())
-            if not changes:
-                return
-            started = time.monotonic()
-            # Every group is queued before any ack is awaited (the speaker pipelines them).
-            await asyncio.gather(
-                *(
-                    self._send(self.speaker.withdraw(gone, peers=peers), peers)
-                    for peers, gone in changes.withdraw_groups()
-                ),
-                *(
-                    self._send(self.speaker.reflect(peers, routes, attributes), peers)
-                    for peers, attributes, routes in changes.announce_groups()
-                ),
-            )
-            log.debug(
-                "reflected",
-                extra={
-                    "op": "reflect",
-                    "count": changes.routes,
-                    "seconds": round(time.monotonic() - started, 3),
-                },
-            )
-
-    async def _send(self, call: Awaitable[None], peers: Sequence[IPAddr]) -> None:
-        try:
-            await call
-        except Exception as err:  # e.g. the session was removed meanwhile: level state heals
-            log.warning(
-                "reflection not sent",
-                extra={"op": "reflect", "peers": " ".join(map(str, peers)), "reason": str(err)},
-            )
 
     def retiring(self) -> list[SessionSpec]:
         """Sessions no longer desired, kept until their replacements carry their routes."""
@@ -334,23 +250,11 @@ class Peering:
             return f"waiting for its password ({waiting[peer]})"
         return self.limits.reason(peer)
 
-    def advertised(self, peer: IPAddr) -> int:
-        """Routes reflected to `peer` (for status)."""
-        return self.adj_out.count(peer)
 
-
-def _speaker_peers(speaker: ReflectingSpeaker) -> set[IPAddr]:
-    return {s.peer_ip for s in speaker.sessions}
-
-
-def describe_routes(rib: Rib, peering: Peering, prefix: str | None = None) -> dict[str, Any]:
+def describe_routes(rib: Rib, prefix: str | None = None) -> dict[str, Any]:
     """The RIB as the `node.routes` verb shows it: per prefix its accepted paths with their
-    attributes (the best one marked) and the neighbours it is reflected to."""
+    attributes (the best one marked)."""
     wanted = None if not prefix else {str(p) for p in [prefix]}
-    reflected: dict[IPNet, list[str]] = {}
-    for neighbour, table in sorted(peering.adj_out.routes.items()):
-        for net in table:
-            reflected.setdefault(net, []).append(str(neighbour))
     routes = []
     for net in sorted(rib.prefixes(), key=lambda p: (p.version, p)):
         if wanted is not None and str(net) not in wanted:
@@ -374,5 +278,5 @@ def describe_routes(rib: Rib, peering: Peering, prefix: str | None = None) -> di
                 "cluster_list": [str(c) for c in a.cluster_list],
                 "communities": list(a.communities),
             })  # fmt: skip
-        routes.append({"prefix": str(net), "paths": paths, "reflected_to": reflected.get(net, [])})
+        routes.append({"prefix": str(net), "paths": paths})
     return {"routes": routes}

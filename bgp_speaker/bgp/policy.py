@@ -6,8 +6,6 @@ Import, by the kind of session:
   no shorter than the pool's block size, never one of this node's own blocks, never a route
   whose ORIGINATOR_ID is this node, never one whose AS path holds our AS on eBGP). That is
   how a top-of-rack router teaches a node the other racks' blocks.
-- a reflector also drops every route whose CLUSTER_LIST holds its own cluster ID
-  (RFC 4456 §8, reason `cluster-loop`).
 - fabric peers (other l3fabric nodes): nothing outside the pools (`outside-pools`).
 - external peers (a BGPPeer with `peerIP`) may be given more to install: the prefixes listed
   in the BGPPeer's annotation `l3fabric.io/accept-prefixes` (comma-separated; `CIDR` is that
@@ -18,7 +16,7 @@ Import, by the kind of session:
 
 Export: a node advertises its own confirmed blocks and the addresses it borrowed (never a
 block another node owns: learned routes are only ever re-advertised by a reflector, to its
-iBGP neighbours, see `reflector`). Communities come from `BGPConfiguration`:
+iBGP neighbours, see `reflection`). Communities come from `BGPConfiguration`:
 `prefixAdvertisements[].communities` apply to every exported prefix inside the entry's CIDR;
 an entry is a community value `ASN:VALUE` or the name of one in `communities`.
 Large communities (`A:B:C`) are not sent (ExaBGP's API is driven with standard ones only);
@@ -31,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_network
+from ipaddress import ip_network
 
 from bgp_speaker.bgp.config import BgpConfig
 from bgp_speaker.bgp.rib import ImportPolicy
@@ -87,9 +85,8 @@ def parse_accept_rules(res: Resource) -> tuple[AcceptRule, ...]:
 
 @dataclass(frozen=True)
 class PeerPolicy(ImportPolicy):
-    """The fabric rules plus a reflector's cluster loop check and external peers' extras."""
+    """The fabric rules plus external peers' extras."""
 
-    cluster_id: IPv4Address | None = None
     accept: tuple[tuple[IPAddr, tuple[AcceptRule, ...]], ...] = ()
     """Per external peer, what it may teach outside the pools."""
     _accept: Mapping[IPAddr, tuple[AcceptRule, ...]] = field(
@@ -105,8 +102,6 @@ class PeerPolicy(ImportPolicy):
             rules = self._accept.get(session.peer_ip)
             if rules and any(rule.matches(prefix) for rule in rules):
                 reason = self._loops(attrs, session)
-        if not reason and self.cluster_id is not None and self.cluster_id in attrs.cluster_list:
-            return "cluster-loop"
         return reason
 
     def _loops(self, attrs: PathAttributes, session: SessionSpec) -> str:

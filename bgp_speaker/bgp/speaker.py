@@ -1,49 +1,42 @@
-"""The BGP speaker as routing sees it: the seam between the routing controller (and route
-reflection) and the ExaBGP adapter, which implements it (`exabgp.process.ExaBGPSpeaker`).
-
-Two Protocols, by who needs what: reflection (`peering.Peering`) only sends learned routes
-to chosen sessions; the controller also configures the sessions, announces the node's own
-prefixes, asks for End-of-RIB and route refreshes, and reads what the speaker reports.
+"""The BGP speakers as routing sees them: the seams between the routing controller and the
+ExaBGP adapter (`Speaker`, implemented by `exabgp.process.ExaBGPSpeaker`) and, on a
+reflector node, the BIRD adapter (`RouteReflector`, implemented by
+`bird.process.BirdReflector`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from typing import Any, Protocol
 
-from bgp_speaker.bgp.routes import IPAddr, IPNet, PathAttributes, SessionSpec, SpeakerEvent
+from bgp_speaker.bgp.reflection import ReflectorDesired, ReflectorSessionState
+from bgp_speaker.bgp.routes import IPAddr, IPNet, SessionSpec, SpeakerEvent
 
-__all__ = ["ReflectingSpeaker", "Speaker"]
+__all__ = ["RouteReflector", "Speaker"]
 
 
-class ReflectingSpeaker(Protocol):
-    """What route reflection needs: the configured sessions, and sending to some of them."""
+class Speaker(Protocol):
+    """What the routing controller needs of the node's BGP speaker."""
 
     @property
     def sessions(self) -> Sequence[SessionSpec]:
-        """The sessions the speaker was last given (`Speaker.set_sessions`)."""
+        """The sessions the speaker was last given (`set_sessions`)."""
         ...
 
-    async def withdraw(self, prefixes: Iterable[IPNet], *, peers: Sequence[IPAddr] = ()) -> None:
-        """Stop advertising ``prefixes``: our exports (no peers) or what we reflect to peers."""
-        ...
-
-    async def reflect(
-        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
-    ) -> None:
-        """Advertise learned routes to these sessions with their attributes unchanged."""
-        ...
-
-
-class Speaker(ReflectingSpeaker, Protocol):
-    """What the routing controller needs of a BGP speaker."""
-
-    async def set_sessions(self, sessions: Sequence[SessionSpec]) -> bool:
-        """Make the speaker's neighbours exactly ``sessions``; False: nothing changed."""
+    async def set_sessions(
+        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+    ) -> bool:
+        """Make the speaker's neighbours exactly ``sessions``; False: nothing changed.
+        Sessions removed whose peers are in ``handed_over`` (another speaker takes them) end
+        without a NOTIFICATION, so the peers' graceful restart keeps our routes meanwhile."""
         ...
 
     async def announce(self, prefixes: Iterable[IPNet], *, communities: Sequence[str] = ()) -> None:
         """Advertise ``prefixes`` (next hop self) to every session, now and later."""
+        ...
+
+    async def withdraw(self, prefixes: Iterable[IPNet]) -> None:
+        """Stop advertising ``prefixes``."""
         ...
 
     async def send_eor(self, peer: IPAddr | None = None, afi: int = 4) -> None:
@@ -57,3 +50,26 @@ class Speaker(ReflectingSpeaker, Protocol):
     def events(self) -> AsyncIterator[SpeakerEvent]:
         """What the speaker reports, in order, until it stops."""
         ...
+
+
+class RouteReflector(Protocol):
+    """What the routing controller needs of a reflector node's BIRD."""
+
+    def apply(self, desired: ReflectorDesired | None) -> None:
+        """Reflect as ``desired`` (None: this node does not reflect), soon."""
+        ...
+
+    async def sessions(self) -> Sequence[ReflectorSessionState]:
+        """Its sessions as it reports them now (empty while it does not run)."""
+        ...
+
+    @property
+    def active(self) -> bool:
+        """Whether it has been asked to reflect (its last `apply` was not None)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """For `node status`: whether it runs, its restarts and reloads, its last error."""
+        ...
+
+    async def stop(self) -> None: ...

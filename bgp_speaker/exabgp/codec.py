@@ -304,20 +304,6 @@ class OutgoingAttributes:
         for community in self.communities:
             _check_community(community)
 
-    @classmethod
-    def reflected(cls, attributes: PathAttributes) -> OutgoingAttributes:
-        """Send a learned path on unchanged (route reflection: every attribute is kept)."""
-        return cls(
-            next_hop=attributes.next_hop,
-            origin=attributes.origin,
-            as_path=attributes.as_path,
-            local_pref=attributes.local_pref,
-            med=attributes.med,
-            communities=attributes.communities,
-            originator_id=attributes.originator_id,
-            cluster_list=attributes.cluster_list,
-        )
-
     def render(self) -> str:
         parts = ["next-hop", "self" if self.next_hop is None else str(self.next_hop)]
         if self.origin is not None:

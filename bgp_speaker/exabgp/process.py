@@ -19,7 +19,7 @@ How it works, and why:
   (A SIGUSR1 before ExaBGP installed its handlers would kill it: a new ExaBGP is signalled
   only after its relay connected, which ExaBGP starts after that.)
 - ExaBGP runs in its own session (``start_new_session``) inside ``netns``, started through
-  exabgp/tether.py: it enters the namespace (so the agent never switches one) and ties
+  kernel/tether.py: it enters the namespace (so the agent never switches one) and ties
   ExaBGP's life to the agent's (PR_SET_PDEATHSIG, SIGKILL): an agent killed by anything
   takes its ExaBGP, and with it the relay, along. A pidfd tells the supervisor the moment
   it exits; it is restarted with capped exponential backoff, reset after a stable period,
@@ -32,7 +32,7 @@ How it works, and why:
   adj-rib) are sent only when nothing else awaits an ack.
 - ExaBGP gives routes announced over the API only to neighbours that exist at that moment,
   and forgets them all when it restarts. So the speaker keeps the export set (``announce``/
-  ``withdraw``) and the reflected routes (``reflect``) as *level* state and replays them to
+  ``withdraw``) as *level* state and replays them to
   neighbours that ``set_sessions`` adds and to every neighbour of a restarted ExaBGP:
   ``announce`` means "advertise to every session, now and later".
 - If the relay ever loses output lines (it drops rather than block ExaBGP) or its
@@ -42,7 +42,7 @@ How it works, and why:
   resynchronises on ``SpeakerRestarted`` exactly as after a crash.
 
 What the agent does: ``start``; ``set_sessions`` whenever the desired sessions change;
-``announce``/``withdraw`` its exports and ``reflect`` (RR only) as they change; on every
+``announce``/``withdraw`` its exports as they change; on every
 ``PeerStateChanged(UP)``, once its exports are announced, ``send_eor(peer)`` (sessions use
 ``manual-eor``: ExaBGP never sends an End-of-RIB by itself); on ``SpeakerRestarted`` treat
 every session as new (the speaker has already replayed the exports); ``stop`` at exit.
@@ -61,7 +61,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -70,7 +70,6 @@ from typing import Any
 from bgp_speaker.bgp.routes import (
     IPAddr,
     IPNet,
-    PathAttributes,
     SessionSpec,
     SpeakerEvent,
     SpeakerRestarted,
@@ -95,6 +94,7 @@ from bgp_speaker.exabgp.codec import (
 from bgp_speaker.exabgp.config import render_config, render_env
 from bgp_speaker.exabgp.relay import DEFAULT_MAX_BUFFER
 from bgp_speaker.kernel.netns import netns_path, open_netns
+from bgp_speaker.kernel.tether import tethered
 
 __all__ = [
     "CommandFailed",
@@ -107,7 +107,6 @@ __all__ = [
 log = logging.getLogger("l3fabric.bgp.exabgp")
 
 RELAY_SCRIPT = Path(__file__).resolve().with_name("relay.py")
-TETHER_SCRIPT = Path(__file__).resolve().with_name("tether.py")
 LINE_LIMIT = 64 * 1024 * 1024  # one JSON line per UPDATE; extended messages make them big
 LOG_PIPE_SIZE = 1024 * 1024  # Linux's default pipe-max-size
 MAX_UNIX_PATH = 107
@@ -250,7 +249,6 @@ class ExaBGPSpeaker:
         self._rendered: str | None = None  # the text ExaBGP runs with, once confirmed
         self._env: dict[str, str] | None = None
         self._exports: dict[IPNet, OutgoingAttributes] = {}
-        self._reflected: dict[IPAddr, dict[IPNet, OutgoingAttributes]] = {}
 
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self._cmd_lock = asyncio.Lock()  # record updates + command order are one step
@@ -356,8 +354,13 @@ class ExaBGPSpeaker:
 
     # --- sessions -------------------------------------------------------------------------
 
-    async def set_sessions(self, sessions: Sequence[SessionSpec]) -> bool:
+    async def set_sessions(
+        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+    ) -> bool:
         """Make ExaBGP's neighbours exactly ``sessions``. False: nothing changed.
+
+        A removed session whose peer is in ``handed_over`` (BIRD takes it) goes without a
+        NOTIFICATION: ExaBGP is restarted rather than reloaded.
 
         Unchanged sessions stay up. Raises ConfigRejected (nothing touched) for a desired
         state ExaBGP would refuse, SpeakerUnavailable if ExaBGP does not come up or confirm
@@ -375,15 +378,19 @@ class ExaBGPSpeaker:
                     listen_port=self.listen_port,
                 )  # fmt: skip
                 env = render_env(
-                    [s.local_address for s in wanted] if self.listen else [],
+                    # Only where a session waits for its peer: on a reflector node BIRD
+                    # listens on the node's address and ExaBGP only connects out.
+                    [s.local_address for s in wanted if s.passive] if self.listen else [],
                     listen_port=self.listen_port,
-                    reflector=any(s.rr_client for s in wanted),
                     extra=self._env_extra,
                 )
             except ValueError as err:
                 raise ConfigRejected(str(err)) from err
             instance = self._instance
             running = instance is not None and not instance.exited.done()
+            handed = {s.peer_ip for s in self._applied} & set(handed_over) - {
+                s.peer_ip for s in wanted
+            }
             if text == self._rendered and env == self._env and running:
                 return False
             await self._validate(text, env)
@@ -393,9 +400,6 @@ class ExaBGPSpeaker:
             # No lock needed: nothing awaits between reading these and acting on them, and
             # taking _cmd_lock would wait behind a whole flood of announcements.
             self._sessions = wanted
-            peers = {s.peer_ip for s in wanted}
-            for peer in [p for p in self._reflected if p not in peers]:
-                del self._reflected[peer]
             log.info(
                 "sessions configured",
                 extra={"op": "set_sessions", "sessions": len(wanted), "running": running},
@@ -404,9 +408,13 @@ class ExaBGPSpeaker:
                 self._env = env
                 self._supervisor = asyncio.create_task(self._supervise(), name="exabgp")
                 await self.wait_ready(self._start_timeout)
-            elif env != self._env:
+            elif env != self._env or handed:
                 self._env = env  # only a new process takes a new environment
-                self._request_restart("listen addresses or reflector role changed")
+                # A reload would close handed-over sessions with a NOTIFICATION, and the peer
+                # would drop our routes; a killed ExaBGP sends none (graceful restart).
+                self._request_restart(
+                    "sessions handed over" if handed else "listen addresses changed"
+                )
                 await self.wait_ready(self._start_timeout)
             elif running:
                 await self._reload(instance)  # type: ignore[arg-type]
@@ -509,11 +517,6 @@ class ExaBGPSpeaker:
         lines: list[str] = []
         for attributes, prefixes in group_by_attributes(self._exports.items()).items():
             lines += render_announce(prefixes, attributes, peers=() if peer is None else (peer,))
-        reflected = self._reflected
-        targets = reflected.items() if peer is None else [(peer, reflected.get(peer, {}))]
-        for target, routes in targets:
-            for attributes, prefixes in group_by_attributes(routes.items()).items():
-                lines += render_announce(prefixes, attributes, peers=(target,))
         return lines
 
     # --- routes ---------------------------------------------------------------------------
@@ -544,40 +547,15 @@ class ExaBGPSpeaker:
 
         await self._routes_command(record, render_announce(items, attributes))
 
-    async def withdraw(self, prefixes: Iterable[IPNet], *, peers: Sequence[IPAddr] = ()) -> None:
-        """Stop advertising ``prefixes``: our exports (no peers) or what we reflect to peers."""
+    async def withdraw(self, prefixes: Iterable[IPNet]) -> None:
+        """Stop advertising ``prefixes``."""
         items = list(prefixes)
 
         def record() -> None:
-            tables = [self._reflected.get(p, {}) for p in peers] if peers else [self._exports]
-            for table in tables:
-                for prefix in items:
-                    table.pop(prefix, None)
+            for prefix in items:
+                self._exports.pop(prefix, None)
 
-        await self._routes_command(record, render_withdraw(items, peers=peers))
-
-    async def reflect(
-        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
-    ) -> None:
-        """Advertise learned routes to these sessions with their attributes unchanged.
-
-        The caller (the RIB) has already set ORIGINATOR_ID and prepended our cluster id
-        (RFC 4456). The AS path is sent as given: only reflect to iBGP sessions.
-        """
-        configured = {s.peer_ip for s in self._sessions}
-        unknown = [str(p) for p in peers if p not in configured]
-        if unknown or not peers:
-            raise ValueError(f"peers: {unknown or 'none'} not configured sessions")
-        outgoing = OutgoingAttributes.reflected(attributes)
-        items = list(prefixes)
-
-        def record() -> None:
-            for peer in peers:
-                table = self._reflected.setdefault(peer, {})
-                for prefix in items:
-                    table[prefix] = outgoing
-
-        await self._routes_command(record, render_announce(items, outgoing, peers=peers))
+        await self._routes_command(record, render_withdraw(items))
 
     async def _routes_command(self, record: Callable[[], None], lines: list[str]) -> None:
         futures: list[_Sent] = []
@@ -789,10 +767,9 @@ class ExaBGPSpeaker:
         assert self._env is not None
         self._generation += 1
         env = self._child_env(self._env)
-        argv = [
-            sys.executable, "-I", "-S", str(TETHER_SCRIPT), str(os.getpid()),
-            self.netns_path or "-", *self._exabgp, "server", str(self.config_path),
-        ]  # fmt: skip
+        argv = tethered(
+            os.getpid(), self.netns_path, [*self._exabgp, "server", str(self.config_path)]
+        )
         # Forked right here, from the event loop's thread: the kernel's parent-death signal
         # follows the thread that forked, and this one lives as long as the agent.
         proc = subprocess.Popen(

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bgp_speaker.bgp.peering import Peering
+from bgp_speaker.bgp.reflection import ReflectorDesired
 from bgp_speaker.bgp.rib import Rib
 from bgp_speaker.bgp.routes import SessionState, SpeakerEvent
-from bgp_speaker.bgp.speaker import Speaker
+from bgp_speaker.bgp.speaker import RouteReflector, Speaker
 from bgp_speaker.kernel.fib import KernelFib
 from bgp_speaker.kernel.tcp_md5 import Md5Counters
 from bgp_speaker.overlay.dataplane import OverlayDataplane
@@ -51,6 +52,8 @@ class PeerStatus:
     accepted: int
     advertised: int
     reason: str = ""
+    speaker: str = "exabgp"
+    """Which process holds the session: the node's ExaBGP, or BIRD on a reflector node."""
 
 
 class RoutingController:
@@ -64,9 +67,11 @@ class RoutingController:
       sessions and policy, the speaker's sessions and exports, the overlay and the
       blackholes to it.
     - ExaBGP updates -> RIB -> FIB: `_event_loop` feeds the speaker's events through
-      `SpeakerEvents` into the RIB, then has `KernelRoutes` program the affected prefixes
-      and `Peering` reflect them, in batches (it drains whatever is queued before touching
-      the FIB).
+      `SpeakerEvents` into the RIB, then has `KernelRoutes` program the affected prefixes,
+      in batches (it drains whatever is queued before touching the FIB).
+
+    On a reflector node BIRD reflects (`RouteReflector`): the `Reconciler` hands it its part
+    of the desired state, and the node's ExaBGP is one of its clients (`bgp.reflection`).
 
     Beside them run `KernelRoutes.initial_sync` (sweeping what a restart left in the kernel)
     and `PeerTimers.watch` (our hold timers). The parts share the `RoutingState` and one
@@ -79,6 +84,7 @@ class RoutingController:
         store: Store,
         speaker: Speaker,
         fib: KernelFib,
+        reflector: RouteReflector,
         *,
         initial_sync_timeout: float | None = None,
         overlay: OverlayDataplane | None = None,
@@ -89,11 +95,12 @@ class RoutingController:
         self.node = node
         self.store = store
         self.speaker = speaker
+        self.reflector = reflector
         self.rib = Rib()
         self.state = RoutingState()
         self._md5_counters = md5_counters
         self.tasks = BackgroundTasks()
-        self.peering = Peering(self.rib, speaker)  # sessions to configure, reflection
+        self.peering = Peering(self.rib)  # sessions to configure, limits, communities
         self.kernel = KernelRoutes(
             self.rib, fib, overlay, self.state, self.tasks, initial_sync_timeout
         )
@@ -102,7 +109,7 @@ class RoutingController:
             self.rib, self.peering, speaker, self.state, self.timers, self.kernel, self.tasks
         )
         self.reconciler = Reconciler(
-            self.rib, self.peering, speaker, self.state, self.kernel, self.tasks
+            self.rib, self.peering, speaker, reflector, self.state, self.kernel, self.tasks
         )
 
     # --- desired state ------------------------------------------------------------------------
@@ -140,7 +147,6 @@ class RoutingController:
                 affected |= self.speaker_events.handle(queue.get_nowait())
             if affected:
                 await self.kernel.program(affected)
-                await self.peering.reflect(affected)
 
     async def _reconcile_loop(self) -> None:
         changed = self.state.changed
@@ -173,10 +179,11 @@ class RoutingController:
         finally:
             watcher.stop()
             await self.tasks.stop()
+            await self.reflector.stop()
 
     # --- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """For `node status` and metrics; runs on the event loop (see RoutingHolder.status)."""
         desired = self.state.desired
         sessions = desired.sessions if desired else ()
@@ -193,9 +200,11 @@ class RoutingController:
                     str(s.peer_ip), s.peer_type.value,
                     "established" if session_state is SessionState.UP else session_state.value,
                     since, self.rib.received(s.peer_ip), self.rib.accepted(s.peer_ip),
-                    advertised + self.peering.advertised(s.peer_ip), reason,
+                    advertised, reason,
                 ).__dict__
             )  # fmt: skip
+        if desired is not None and desired.reflector is not None:
+            peers += await self._reflector_peers(desired.reflector)
         return {
             "node": self.node,
             "router_id": str(desired.policy.router_id) if desired else None,
@@ -206,4 +215,26 @@ class RoutingController:
             "speaker_restarts": self.speaker_events.speaker_restarts,
             "synced": self.kernel.synced.is_set(),
             "overlay": self.kernel.overlay_status(),
+            "reflector": self.reflector.describe() if self.reflector.active else None,
         }
+
+    async def _reflector_peers(self, desired: ReflectorDesired) -> list[dict[str, Any]]:
+        """BIRD's sessions, in `node status`'s words."""
+        reported = {s.peer: s for s in await self.reflector.sessions()}
+        peers = []
+        for session in desired.sessions:
+            spec = session.spec
+            seen = reported.get(spec.peer_ip)
+            if seen is None:
+                state, since, received, advertised, reason = "down", 0.0, 0, 0, "not in BIRD yet"
+            else:
+                state = "established" if seen.established else seen.bgp_state.lower()
+                since, received, advertised = seen.since, seen.imported, seen.exported
+                reason = seen.last_error or (seen.info if not seen.established else "")
+            peers.append(
+                PeerStatus(
+                    str(spec.peer_ip), spec.peer_type.value, state, since, received, received,
+                    advertised, reason, speaker="bird",
+                ).__dict__
+            )  # fmt: skip
+        return peers

@@ -3,16 +3,25 @@
 One read covers everything routing depends on: nodes, the BGP configuration, BGPPeers (their
 passwords resolved), pools, blocks and affinities. It is blocking I/O: the controller runs it
 in a worker thread.
+
+On a reflector node the sessions are split (`reflection.split_sessions`): the iBGP ones go to
+BIRD (`DesiredState.reflector`), ExaBGP keeps the rest plus its loopback session to BIRD.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface, ip_network
 
 from bgp_speaker.bgp.config import BGP_CONFIG_NAME, parse_bgp_config
 from bgp_speaker.bgp.export import Exports, compute_exports
 from bgp_speaker.bgp.peering import PeeringDesired, peer_policy, read_peering
+from bgp_speaker.bgp.reflection import (
+    ReflectorDesired,
+    node_speaker_session,
+    reflector_desired,
+    split_sessions,
+)
 from bgp_speaker.bgp.rib import ImportPolicy
 from bgp_speaker.bgp.routes import SessionSpec
 from bgp_speaker.bgp.sessions import node_address
@@ -34,6 +43,8 @@ class DesiredState:
     policy: ImportPolicy
     peering: PeeringDesired = field(default_factory=PeeringDesired)
     encap: EncapPolicy = field(default_factory=EncapPolicy)
+    reflector: ReflectorDesired | None = None
+    """BIRD's part, when this node is a route reflector."""
 
 
 def read_desired(store: Store, node: str) -> DesiredState | None:
@@ -66,4 +77,28 @@ def read_desired(store: Store, node: str) -> DesiredState | None:
         pools,
         VxlanSettings(cfg.vxlan_vni, cfg.vxlan_port),
     )
-    return DesiredState(tuple(sessions), exports, peer_policy(policy, peering), peering, encap)
+    reflector = None
+    if peering.cluster_id is not None:
+        bird_sessions, sessions = split_sessions(sessions)
+        speaker_session = node_speaker_session(
+            router_id, policy.local_as, cfg.hold_time, cfg.keepalive_time,
+            cfg.graceful_restart_time or None,
+        )  # fmt: skip
+        sessions.append(speaker_session)
+        reflector = reflector_desired(
+            router_id, peering.cluster_id, policy.local_as, policy.pools, bird_sessions,
+            speaker_session, peering.next_hop_self, dict(peering.accept),
+        )  # fmt: skip
+        # What BIRD may pass on from its peers' accept lists arrives over the loopback.
+        accept = dict(peering.accept)
+        accept[speaker_session.peer_ip] = reflector.node_speaker_accept
+        peering = replace(
+            peering,
+            accept=tuple(accept.items()),
+            # BIRD takes these sessions over at once: ExaBGP must not hold on to them while
+            # they "retire", or it would keep the address pair BIRD needs.
+            node_addresses=peering.node_addresses - reflector.peers,
+        )
+    return DesiredState(
+        tuple(sessions), exports, peer_policy(policy, peering), peering, encap, reflector
+    )

@@ -1,7 +1,7 @@
 """What the speaker reports, applied to the RIB and the sessions' state.
 
 `SpeakerEvents.handle` takes one event and returns the prefixes whose selection may have
-changed; the caller programs the kernel and reflects them, once per batch of events. A
+changed; the caller programs the kernel with them, once per batch of events. A
 peer with a prefix limit has its initial table held out of the kernel until its End-of-RIB,
 so a flood is cut off whole even when it arrives in several UPDATEs.
 """
@@ -123,7 +123,6 @@ class SpeakerEvents:
                         extra={"op": "bgp", "peer": str(peer)})  # fmt: skip
             affected = self.rib.release(peer)
             await self._kernel.program(affected)
-            await self.peering.reflect(affected)
 
     async def _after_session_up(self, peer: IPAddr) -> None:
         # manual-eor: ExaBGP sends End-of-RIB only when told, after our exports are queued.

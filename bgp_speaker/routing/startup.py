@@ -1,4 +1,5 @@
-"""Starting and stopping the routing half of the agent: ExaBGP, FIB and the controller.
+"""Starting and stopping the routing half of the agent: ExaBGP, BIRD (on a reflector node),
+FIB and the controller.
 
 The speaker needs the node's router id and AS number, so routing starts once the node's
 Node object has an IPv4 address (the lab and `node add --ipv4` set it; in a cluster the
@@ -20,6 +21,7 @@ from netaddr import IPNetwork
 from bgp_speaker.bgp.config import BGP_CONFIG_NAME, parse_bgp_config
 from bgp_speaker.bgp.peering import describe_routes
 from bgp_speaker.bgp.sessions import node_address
+from bgp_speaker.bird.process import BirdReflector
 from bgp_speaker.exabgp.process import ExaBGPSpeaker
 from bgp_speaker.kernel.autodetect import detect_ipv4
 from bgp_speaker.kernel.fib import Fib
@@ -55,7 +57,7 @@ class RoutingHolder:
         if controller is not None and loop is not None:
 
             async def snapshot() -> dict[str, Any]:
-                return controller.status()
+                return await controller.status()
 
             return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(STATUS_TIMEOUT)
         return {
@@ -82,7 +84,7 @@ class RoutingHolder:
             return {"routes": []}
 
         async def snapshot() -> dict[str, Any]:
-            return describe_routes(controller.rib, controller.peering, prefix)
+            return describe_routes(controller.rib, prefix)
 
         return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(STATUS_TIMEOUT)
 
@@ -166,8 +168,9 @@ async def run_routing(
     tunnels = Tunnels(node, settings.host_netns, IPAM(store))
     fib = EncapFib(Fib(netns=settings.host_netns), tunnels)
     overlay = Overlay(tunnels, NatTable(settings.host_netns))
+    reflector = BirdReflector(Path(settings.state_dir) / "bird", netns=settings.host_netns)
     controller = RoutingController(
-        node, store, speaker, fib, overlay=overlay,
+        node, store, speaker, fib, reflector, overlay=overlay,
         md5_counters=partial(read_md5_counters, settings.host_netns),
     )  # fmt: skip
     await speaker.start()

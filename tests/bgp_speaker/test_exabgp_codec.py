@@ -211,21 +211,6 @@ def test_announce_splits_families_and_renders_every_attribute() -> None:
     ]
 
 
-def test_reflected_attributes_round_trip() -> None:
-    learned = PathAttributes(
-        next_hop=ip_address("10.0.0.9"),
-        as_path=(),
-        local_pref=150,
-        originator_id=IPv4Address("10.0.0.9"),
-        cluster_list=(IPv4Address("10.0.0.1"),),
-    )
-    (line,) = render_announce([ip_network("10.70.0.0/26")], OutgoingAttributes.reflected(learned))
-    assert line == (
-        "announce attributes next-hop 10.0.0.9 origin igp as-path [ ] local-preference 150 "
-        "originator-id 10.0.0.9 cluster-list [ 10.0.0.1 ] nlri 10.70.0.0/26"
-    )
-
-
 def test_withdraw_eor_refresh_clear() -> None:
     assert render_withdraw(prefixes(1001), peers=[A])[1] == (
         "neighbor 10.0.0.1 withdraw attributes nlri 10.3.232.0/24"

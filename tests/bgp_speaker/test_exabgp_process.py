@@ -150,24 +150,6 @@ def test_withdraw_reaches_peer(exabgp_lab: ExaBGPLab, mesh: dict[str, Node]) -> 
     assert event == RoutesWithdrawn(A_IP, tuple(BLOCKS[:2]))
 
 
-def test_reflect_sends_originator_and_cluster_list(
-    exabgp_lab: ExaBGPLab, mesh: dict[str, Node]
-) -> None:
-    a, b = mesh["a"], mesh["b"]
-    learned = PathAttributes(
-        next_hop=ip_address("10.0.0.9"), as_path=(), origin="igp", local_pref=150,
-        originator_id=IPv4Address("10.0.0.9"), cluster_list=(IPv4Address("10.0.0.1"),),
-        communities=("64512:1",),
-    )  # fmt: skip
-    prefix = IPv4Network("10.70.0.0/26")
-    mark = b.log.mark()
-    exabgp_lab.run(a.speaker.reflect([B_IP], [prefix], learned))
-    event = exabgp_lab.run(b.log.wait(announced(A_IP, prefix), since=mark))
-    assert event.attributes == learned
-    exabgp_lab.run(a.speaker.withdraw([prefix], peers=[B_IP]))
-    exabgp_lab.run(b.log.wait(lambda e: e == RoutesWithdrawn(A_IP, (prefix,)), since=mark))
-
-
 def test_adding_a_neighbour_keeps_the_first_and_replays_exports(
     exabgp_lab: ExaBGPLab, mesh: dict[str, Node]
 ) -> None:
@@ -330,6 +312,8 @@ def test_a_stalled_agent_never_stalls_exabgp_and_resyncs_after(
     d_ip = ip_address("10.0.0.4")
     argv = [mesh["b"].netns, "10.0.0.4", "10.0.0.1", str(tmp_path / "d"), "4096", "3"]
     child = StalledAgent(argv)
+    # ~360 KB of JSON at D: more than the socket (~220 KB) and the relay (4 KiB) hold.
+    prefixes = [IPv4Network(f"10.{160 + n // 256}.{n % 256}.0/26") for n in range(12_000)]
     keep = [
         mesh_session("10.0.0.1", "10.0.0.2", passive=False, password=PASSWORD),
         mesh_session("10.0.0.1", "10.0.0.3", passive=False),
@@ -346,9 +330,7 @@ def test_a_stalled_agent_never_stalls_exabgp_and_resyncs_after(
         mark = a.log.mark()
         os.kill(child.proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        # ~360 KB of JSON at D: more than the socket (~220 KB) and the relay (4 KiB) hold.
-        prefixes = [IPv4Network(f"10.{160 + n // 256}.{n % 256}.0/26") for n in range(12_000)]
-        lab.run(a.speaker.reflect([d_ip], prefixes, PathAttributes(next_hop=A_IP)))
+        lab.run(a.speaker.announce(prefixes))
         lab.run(asyncio.sleep(max(0.0, stopped + 5 - time.monotonic())))  # > hold time 3 s
         assert not [e for e in a.log.since(mark) if down(d_ip)(e)], "D's ExaBGP froze"
         os.kill(child.proc.pid, signal.SIGCONT)
@@ -362,6 +344,7 @@ def test_a_stalled_agent_never_stalls_exabgp_and_resyncs_after(
         os.kill(child.proc.pid, signal.SIGCONT)
         child.close(tmp_path / "d" / "exabgp.pid")
         lab.run(a.speaker.set_sessions(keep))
+        lab.run(a.speaker.withdraw(prefixes))
 
 
 class StalledAgent:

@@ -303,7 +303,7 @@ def run_agent_scenario(api: KubeApiDouble, admin: KubeStore, tmp_path: Path) -> 
         _cni(pods, "CHECK", "c1", prevResult=added)
         _cni(pods, "DEL", "c1")
         _cni(pods, "DEL", "c2")
-        controller = RoutingController(NODE, store, speaker=None, fib=None)  # type: ignore[arg-type]
+        controller = RoutingController(NODE, store, speaker=None, fib=None, reflector=None)  # type: ignore[arg-type]
         desired = controller.read_desired()
         assert desired is not None
         [tor] = [s for s in desired.sessions if str(s.peer_ip) == "192.0.2.254"]
@@ -336,7 +336,7 @@ def test_an_unreadable_password_secret_holds_the_session_back(api, admin, tmp_pa
     admin.core.delete_namespaced_secret("bgp-passwords", NAMESPACE)
     store = KubeStore(str(api.kubeconfig))
     try:
-        desired = RoutingController(NODE, store, speaker=None, fib=None).read_desired()  # type: ignore[arg-type]
+        desired = RoutingController(NODE, store, speaker=None, fib=None, reflector=None).read_desired()  # type: ignore[arg-type]
     finally:
         store.close()
     assert desired is not None

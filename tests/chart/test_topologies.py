@@ -44,9 +44,16 @@ def node(store: KubeStore, name: str, address: str, labels=None, **spec: Any) ->
 
 
 def sessions(store: KubeStore, name: str) -> dict[str, tuple[str, int, str]]:
-    desired = RoutingController(name, store, speaker=None, fib=None).read_desired()  # type: ignore[arg-type]
+    """Every session of the node: its ExaBGP's and, on a reflector, its BIRD's."""
+    routing = RoutingController(name, store, speaker=None, fib=None, reflector=None)  # type: ignore[arg-type]
+    desired = routing.read_desired()
     assert desired is not None
-    return {str(s.peer_ip): (s.peer_type.value, s.peer_as, s.name) for s in desired.sessions}
+    specs = (
+        [*desired.sessions, *(r.spec for r in desired.reflector.sessions)]
+        if (desired.reflector)
+        else list(desired.sessions)
+    )
+    return {str(s.peer_ip): (s.peer_type.value, s.peer_as, s.name) for s in specs}
 
 
 def test_mesh_every_node_peers_with_every_other(store, render):
@@ -72,8 +79,10 @@ def test_route_reflectors_clients_peer_only_with_the_two_reflectors(store, rende
             "192.0.2.2": ("rr", 64512, to_rr),
         }
     clients = {f"192.0.2.{10 + i}": ("rr-client", 64512, from_rr) for i in range(1, 4)}
-    assert sessions(store, "rr1") == {"192.0.2.2": ("node", 64512, from_rr), **clients}
-    assert sessions(store, "rr2") == {"192.0.2.1": ("node", 64512, from_rr), **clients}
+    # BIRD holds the reflectors' fabric sessions; their ExaBGP only its loopback session to it.
+    own_bird = {"127.0.0.1": ("rr", 64512, "node-reflector")}
+    assert sessions(store, "rr1") == {"192.0.2.2": ("node", 64512, from_rr), **clients, **own_bird}
+    assert sessions(store, "rr2") == {"192.0.2.1": ("node", 64512, from_rr), **clients, **own_bird}
 
 
 def test_tor_peers_each_rack_peers_with_its_own_router(store, render):

@@ -74,7 +74,7 @@ def test_status_and_pod_mtu_come_from_the_overlay() -> None:
     assert plain.pod_mtu() is None
     routing, _ = controller(120, overlay=FakeOverlay(frozenset()))
     assert routing.pod_mtu() == 1480
-    assert routing.status()["overlay"] == {"available": []}
+    assert asyncio.run(routing.status())["overlay"] == {"available": []}
 
 
 def test_node_status_shows_the_overlay_and_what_is_unavailable() -> None:

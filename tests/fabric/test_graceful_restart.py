@@ -33,7 +33,7 @@ from bgp_speaker.bgp.speaker import Speaker
 from bgp_speaker.overlay.dataplane import OverlayDataplane
 from bgp_speaker.routing.controller import RoutingController
 from bgp_speaker.routing.desired import DesiredState
-from tests.reflection.doubles import FakeFib, FakeSpeaker
+from tests.reflection.doubles import FakeFib, FakeReflector, FakeSpeaker
 
 ME, PEER = IPv4Address("10.0.0.11"), IPv4Address("10.0.0.12")
 POOL = ip_network("10.244.0.0/16")
@@ -54,6 +54,7 @@ def controller(
         store=None,  # type: ignore[arg-type]  # nothing here reads the desired state
         speaker=speaker or FakeSpeaker(),
         fib=fib,
+        reflector=FakeReflector(),
         overlay=overlay,
     )
     spec = SessionSpec(

@@ -71,10 +71,6 @@ class InteropLab(Fabric):
         answer = call(str(self.socket(node)), "node.routes", {}, timeout=10)
         return {r["prefix"]: r["paths"] for r in answer["routes"]}
 
-    def reflected_to(self, node: str) -> dict[str, list[str]]:
-        answer = call(str(self.socket(node)), "node.routes", {}, timeout=10)
-        return {r["prefix"]: r["reflected_to"] for r in answer["routes"]}
-
     def block_of(self, node: str) -> str:
         blocks = self.blocks()[node]
         assert len(blocks) == 1, (node, blocks)

@@ -1,7 +1,8 @@
 """l3fabric as the route reflector of a BIRD 2 client, an FRR client and an l3fabric node
 (tests/topologies/rr-clients.clab.yml).
 
-The reflector `rr` learns each client's routes and reflects them to the others per RFC 4456:
+The reflector `rr` (BIRD, run by its agent) learns each client's routes and reflects them to
+the others per RFC 4456:
 ORIGINATOR_ID is the originating client's BGP identifier (the routers' router ids are not
 their addresses, so it comes from their OPEN), CLUSTER_LIST is the reflector's cluster ID,
 next hop and AS path are unchanged; a client never gets its own route back. Pods on the
@@ -31,6 +32,7 @@ BIRD_ID, FRR_ID = "192.0.2.21", "192.0.2.22"
 BIRD_NET, FRR_NET = "10.250.1.0/26", "10.250.2.0/26"
 BIRD_HOST, FRR_HOST = "10.250.1.1", "10.250.2.1"
 CLUSTER = "244.0.0.1"
+LOOPBACK = "127.0.0.1"  # the reflector's ExaBGP to its own BIRD
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteropLab]:
 def converged(lab: InteropLab) -> list[str]:
     problems = []
     try:
-        if lab.established("rr") != {N1, BIRD, FRR}:
+        if lab.established("rr") != {N1, BIRD, FRR, LOOPBACK}:
             problems.append(f"rr: established {lab.established('rr')}")
         if lab.established("n1") != {RR}:
             problems.append(f"n1: established {lab.established('n1')}")
@@ -74,15 +76,16 @@ def test_clients_get_each_others_routes_with_rfc4456_attributes(lab: InteropLab)
     wait(lambda: converged(lab), "the l3fabric-reflected fabric to converge", CONVERGE)
     n1_block, rr_block = lab.block_of("n1"), lab.block_of("rr")
 
-    # The reflector: three clients, all established.
+    # The reflector: three clients in its BIRD, all established, and its own ExaBGP.
     peers = lab.peers("rr")
-    assert {a: p["type"] for a, p in peers.items()} == {
-        N1: "rr-client", BIRD: "rr-client", FRR: "rr-client",
+    assert {a: (p["type"], p["speaker"]) for a, p in peers.items()} == {
+        N1: ("rr-client", "bird"), BIRD: ("rr-client", "bird"), FRR: ("rr-client", "bird"),
+        LOOPBACK: ("rr", "exabgp"),
     }  # fmt: skip
-    reflected = lab.reflected_to("rr")
-    assert sorted(reflected[n1_block]) == [BIRD, FRR]
-    assert sorted(reflected[BIRD_NET]) == [N1, FRR]
-    assert sorted(reflected[FRR_NET]) == [N1, BIRD]
+    # Each client gets the two other clients' routes and the reflector's own block.
+    assert {a: p["advertised"] for a, p in peers.items() if a != LOOPBACK} == dict.fromkeys(
+        (N1, BIRD, FRR), 3
+    )
 
     # The l3fabric client sees the routers' routes reflected.
     rib = lab.rib("n1")
@@ -92,8 +95,11 @@ def test_clients_get_each_others_routes_with_rfc4456_attributes(lab: InteropLab)
         assert path["originator_id"] == router_id  # the BGP identifier, not the address
         assert path["cluster_list"] == [CLUSTER]
         assert path["as_path"] == [] and not path["ebgp"]
-    [own] = rib[rr_block]  # the reflector's own block: an ordinary iBGP route, no reflection
-    assert own["next_hop"] == RR and own["originator_id"] is None and own["cluster_list"] == []
+    # The reflector's own block, from its ExaBGP through its BIRD: reflected like a client's,
+    # with the node's address as the loopback session's own cluster ID (see bgp/reflection.py).
+    [own] = rib[rr_block]
+    assert own["next_hop"] == RR and own["originator_id"] == RR
+    assert own["cluster_list"] == [CLUSTER, RR]
 
     # BIRD's view of n1's block and of FRR's network.
     for prefix, next_hop, originator in ((n1_block, N1, N1), (FRR_NET, FRR, FRR_ID)):

@@ -12,7 +12,7 @@ IP-in-IP.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -84,7 +84,9 @@ class MeshSpeaker:
         return RoutesAnnounced(self.address, tuple(sorted(prefixes, key=str)),
                                PathAttributes(self.address))  # fmt: skip
 
-    async def set_sessions(self, sessions: Sequence[SessionSpec]) -> bool:
+    async def set_sessions(
+        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+    ) -> bool:
         self.sessions = tuple(sessions)
         self.peers = {s.peer_ip for s in sessions}
         self.mesh.connect()
@@ -97,7 +99,7 @@ class MeshSpeaker:
             if new:
                 other.deliver(self.announcement(new))
 
-    async def withdraw(self, prefixes: Iterable[IPNet], **_: Any) -> None:
+    async def withdraw(self, prefixes: Iterable[IPNet]) -> None:
         gone = set(prefixes) & self.exports
         self.exports -= gone
         for other in self.mesh.neighbours(self):
@@ -113,13 +115,6 @@ class MeshSpeaker:
         for other in self.mesh.neighbours(self):
             if (peer is None or other.address == peer) and other.exports:
                 self.deliver(other.announcement(other.exports))
-
-    async def reflect(
-        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
-    ) -> None:
-        # The VM's topologies are full meshes: no node reflects, so nothing is ever passed on.
-        if peers:
-            raise AssertionError("the mesh double has no route reflectors")
 
     async def events(self) -> AsyncIterator[SpeakerEvent]:
         while True:

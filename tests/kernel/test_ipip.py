@@ -57,6 +57,7 @@ from l3fabric.lab.realise import bring_up, tear_down
 from l3fabric.lab.topology import parse_topology
 from tests.capture import capture
 from tests.kernel.mesh import Mesh
+from tests.reflection.doubles import FakeReflector
 
 REPO = Path(__file__).resolve().parents[2]
 ADDRESS = {"n1": "10.0.1.11", "n2": "10.0.1.12", "n3": "10.0.2.13"}
@@ -225,7 +226,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelFabric]:
             speaker = mesh.speaker(IPv4Address(address))
             controller = RoutingController(
                 node, node_store, speaker, EncapFib(Fib(netns=ns), tunnels),  # type: ignore[arg-type]
-                overlay=Overlay(tunnels, NatTable(ns)),
+                FakeReflector(), overlay=Overlay(tunnels, NatTable(ns)),
             )  # fmt: skip
             fab.controllers[node] = controller
             runs.append(asyncio.run_coroutine_threadsafe(controller.run(stop), loop))

@@ -1,20 +1,22 @@
-"""In-process doubles for the routing controller's seams: a speaker and a FIB that record
-what they are asked to do, and an overlay whose devices are whatever a test says.
+"""In-process doubles for the routing controller's seams: a speaker, a route reflector and a
+FIB that record what they are asked to do, and an overlay whose devices are whatever a test
+says.
 
-Each implements the Protocol it stands in for (`bgp_speaker.bgp.speaker.Speaker`,
-`bgp_speaker.kernel.fib.KernelFib`, `bgp_speaker.overlay.dataplane.OverlayDataplane`): the
-controller's constructor is typed against them."""
+Each implements the Protocol it stands in for (`bgp_speaker.bgp.speaker.Speaker` and
+`RouteReflector`, `bgp_speaker.kernel.fib.KernelFib`,
+`bgp_speaker.overlay.dataplane.OverlayDataplane`): the controller's constructor is typed
+against them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from bgp_speaker.bgp.reflection import ReflectorDesired, ReflectorSessionState
 from bgp_speaker.bgp.routes import (
     IPAddr,
     IPNet,
     KernelRoute,
-    PathAttributes,
     SessionSpec,
     SpeakerEvent,
 )
@@ -50,7 +52,9 @@ class FakeSpeaker:
         self.sessions: tuple[SessionSpec, ...] = ()
         self.calls: list[tuple[Any, ...]] = []
 
-    async def set_sessions(self, sessions: Sequence[SessionSpec]) -> bool:
+    async def set_sessions(
+        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+    ) -> bool:
         self.sessions = tuple(sessions)
         self.calls.append(("sessions", tuple(str(s.peer_ip) for s in sessions)))
         return True
@@ -58,17 +62,8 @@ class FakeSpeaker:
     async def announce(self, prefixes: Iterable[IPNet], *, communities: Sequence[str] = ()) -> None:
         self.calls.append(("announce", tuple(map(str, prefixes)), communities))
 
-    async def withdraw(self, prefixes: Iterable[IPNet], *, peers: Sequence[IPAddr] = ()) -> None:
-        items = tuple(map(str, prefixes))
-        for peer in peers or (None,):
-            self.calls.append(("withdraw", str(peer), items))
-
-    async def reflect(
-        self, peers: Sequence[IPAddr], prefixes: Iterable[IPNet], attributes: PathAttributes
-    ) -> None:
-        items = tuple(map(str, prefixes))
-        for peer in peers:
-            self.calls.append(("reflect", str(peer), items, attributes))
+    async def withdraw(self, prefixes: Iterable[IPNet]) -> None:
+        self.calls.append(("withdraw", tuple(map(str, prefixes))))
 
     async def send_eor(self, peer: IPAddr | None = None, afi: int = 4) -> None:
         pass
@@ -86,6 +81,31 @@ class FakeSpeaker:
         out = [c for c in self.calls if c[0] == kind]
         self.calls = [c for c in self.calls if c[0] != kind]
         return out
+
+
+class FakeReflector:
+    """Keeps what it was last given; reports the sessions a test sets."""
+
+    def __init__(self) -> None:
+        self.desired: ReflectorDesired | None = None
+        self.reported: tuple[ReflectorSessionState, ...] = ()
+        self.stopped = False
+
+    def apply(self, desired: ReflectorDesired | None) -> None:
+        self.desired = desired
+
+    async def sessions(self) -> Sequence[ReflectorSessionState]:
+        return self.reported
+
+    @property
+    def active(self) -> bool:
+        return self.desired is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"running": self.active, "restarts": 0, "reloads": 0, "last_error": ""}
+
+    async def stop(self) -> None:
+        self.stopped = True
 
 
 class FakeOverlay:

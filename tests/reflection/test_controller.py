@@ -1,6 +1,6 @@
-"""The routing controller as a reflector, with an in-repo fake speaker and FIB: OPENs,
-reflection on RIB changes, max-prefix cut-offs before the kernel, export communities,
-make-before-break. (The real ExaBGP/BIRD/FRR paths are in tests/interop.)"""
+"""The routing controller with in-repo fake speaker, reflector and FIB: max-prefix cut-offs
+before the kernel, export communities, make-before-break, and what a reflector node hands
+BIRD. (The real ExaBGP/BIRD/FRR paths are in tests/interop and tests/reflection/test_bird*.)"""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from bgp_speaker.routing import speaker_events
 from bgp_speaker.routing.controller import RoutingController
 from bgp_speaker.routing.desired import DesiredState
 from ipam_blocks.store.base import Resource
-from tests.reflection.doubles import FakeFib, FakeSpeaker
+from tests.reflection.doubles import FakeFib, FakeReflector, FakeSpeaker
 
 ME = IPv4Address("10.0.0.1")
 CLUSTER = IPv4Address("244.0.0.1")
@@ -48,7 +48,7 @@ SESSIONS = (session(C1), session(C2), session(TOR, client=False, asn=65001, limi
 def reflector() -> tuple[RoutingController, FakeSpeaker, FakeFib]:
     fib, speaker = FakeFib(), FakeSpeaker()
     # No store: nothing here reads the desired state, it is set below.
-    routing = RoutingController("rr1", store=None, speaker=speaker, fib=fib)  # type: ignore[arg-type]
+    routing = RoutingController("rr1", None, speaker, fib, FakeReflector())  # type: ignore[arg-type]
     peering = PeeringDesired(cluster_id=CLUSTER)
     policy = peer_policy(ImportPolicy(((POOL, 26),), frozenset({OWN}), ME, 64512), peering)
     desired = DesiredState(SESSIONS, Exports(frozenset({OWN})), policy, peering)
@@ -66,45 +66,6 @@ async def feed(routing: RoutingController, *events: SpeakerEvent) -> None:
     for event in events:
         affected |= routing.speaker_events.handle(event)
     await routing.kernel.program(affected)
-    await routing.peering.reflect(affected)
-
-
-def test_client_routes_are_reflected_with_originator_from_the_open():
-    async def main() -> None:
-        routing, speaker, fib = reflector()
-        await feed(
-            routing,
-            PeerOpened(C1, IPv4Address("192.0.2.11")),
-            PeerStateChanged(C1, SessionState.UP),
-            RoutesAnnounced(C1, (B1,), PathAttributes(next_hop=C1, local_pref=100)),
-        )
-        [(_, peer, prefixes, attrs)] = speaker.take("reflect")
-        assert (peer, prefixes) == (str(C2), (str(B1),))  # not back to C1, not to the ToR
-        assert attrs.originator_id == IPv4Address("192.0.2.11")
-        assert attrs.cluster_list == (CLUSTER,) and attrs.next_hop == C1
-        assert fib.routes[B1].nexthops[0].gateway == C1  # installed like any node
-        assert routing.status()["peers"][1]["advertised"] == 1  # C2: one reflected route
-
-        await feed(routing, RoutesWithdrawn(C1, (B1,)))
-        assert speaker.take("withdraw") == [("withdraw", str(C2), (str(B1),))]
-        assert B1 not in fib.routes
-
-    asyncio.run(main())
-
-
-def test_a_session_change_sends_a_new_client_the_whole_table():
-    async def main() -> None:
-        routing, speaker, _ = reflector()
-        await feed(routing, RoutesAnnounced(C1, (B1, B2), PathAttributes(next_hop=C1)))
-        speaker.take("reflect")
-        c3 = IPv4Address("10.0.0.13")
-        speaker.sessions = (*routing.peering.configured, session(c3))
-        routing.peering.configured = speaker.sessions
-        await routing.peering.reflect()
-        [(_, peer, prefixes, _)] = speaker.take("reflect")
-        assert peer == str(c3) and set(prefixes) == {str(B1), str(B2)}
-
-    asyncio.run(main())
 
 
 def test_max_prefixes_cuts_the_peer_off_before_anything_reaches_the_kernel():
@@ -120,7 +81,7 @@ def test_max_prefixes_cuts_the_peer_off_before_anything_reaches_the_kernel():
         )
         assert not fib.ever & set(flood)
         assert routing.rib.received(TOR) == 0
-        status = {p["address"]: p for p in routing.status()["peers"]}
+        status = {p["address"]: p for p in (await routing.status())["peers"]}
         assert status[str(TOR)]["state"] == "down"
         assert status[str(TOR)]["reason"] == "max-prefixes 3 exceeded (5 received)"
         # The next plan leaves the peer out of ExaBGP; the others stay.
@@ -208,19 +169,6 @@ def test_export_communities_and_re_announce_when_they_change():
     asyncio.run(main())
 
 
-def test_a_node_that_stops_reflecting_withdraws_what_it_reflected():
-    async def main() -> None:
-        routing, speaker, _ = reflector()
-        await feed(routing, RoutesAnnounced(C1, (B1,), PathAttributes(next_hop=C1)),
-                   EndOfRib(C1))  # fmt: skip
-        assert speaker.take("reflect")
-        routing.peering.set_desired(PeeringDesired())
-        await routing.peering.reflect()
-        assert speaker.take("withdraw") == [("withdraw", str(C2), (str(B1),))]
-
-    asyncio.run(main())
-
-
 def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_path):
     from netaddr import IPNetwork
 
@@ -241,7 +189,7 @@ def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_
     by_ip = {str(s.peer_ip): s for s in sessions}
     assert by_ip["10.0.0.254"].md5_password == "s3cret"
     assert by_ip["10.0.0.253"].md5_password is None
-    peering = Peering(Rib(), FakeSpeaker())
+    peering = Peering(Rib())
     peering.set_desired(desired)
     planned = peering.plan_sessions(sessions, set(), set(), now=0)
     assert [str(s.peer_ip) for s in planned] == ["10.0.0.254"]

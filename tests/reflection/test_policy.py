@@ -67,24 +67,25 @@ def test_accept_list_never_opens_pool_space():
     assert p.rejection(OTHER, attrs, TOR_SESSION) == ""  # another rack's block via the ToR
 
 
-def test_cluster_loop_is_dropped_on_a_reflector_only():
+def test_reflected_routes_are_accepted_and_own_originator_dropped():
+    """A reflector node's ExaBGP learns reflected routes from its BIRD with CLUSTER_LISTs: the
+    cluster list is BIRD's business, the originator check stays."""
     attrs = PathAttributes(next_hop=NODE, originator_id=NODE, cluster_list=(CLUSTER,))
-    assert policy(cluster_id=CLUSTER).rejection(OTHER, attrs, NODE_SESSION) == "cluster-loop"
     assert policy().rejection(OTHER, attrs, NODE_SESSION) == ""
     own = PathAttributes(next_hop=NODE, originator_id=ME, cluster_list=(CLUSTER,))
-    assert policy(cluster_id=CLUSTER).rejection(OTHER, own, NODE_SESSION) == "own-originator"
+    assert policy().rejection(OTHER, own, NODE_SESSION) == "own-originator"
 
 
 def test_policy_plugs_into_the_rib_and_counts():
-    rib = Rib(policy(cluster_id=CLUSTER, accept=((TOR, rules("0.0.0.0/0")),)))
+    rib = Rib(policy(accept=((TOR, rules("0.0.0.0/0")),)))
     rib.set_sessions([TOR_SESSION, NODE_SESSION])
     rib.announce(TOR, [DEFAULT, OTHER], PathAttributes(next_hop=TOR, as_path=(65001,)))
     rib.announce(NODE, [ip_network("10.244.3.0/26")],
-                 PathAttributes(next_hop=NODE, cluster_list=(CLUSTER,)))  # fmt: skip
+                 PathAttributes(next_hop=NODE, originator_id=ME))  # fmt: skip
     assert rib.select(DEFAULT).best.peer == TOR
     assert rib.select(OTHER).best.peer == TOR
     assert rib.select(ip_network("10.244.3.0/26")) is None
-    assert rib.dropped_total() == {"cluster-loop": 1}
+    assert rib.dropped_total() == {"own-originator": 1}
     assert policy() == policy() and hash(policy(accept=((TOR, rules("0.0.0.0/0")),)))
 
 

@@ -8,6 +8,7 @@ The agents bring the reflector sessions up before the mesh sessions go (make-bef
 pings between pods run throughout and none is lost, and no node's kernel ever loses a route
 to a block. Afterwards every client peers with the two reflectors only and learns the other
 clients' blocks from both, with ORIGINATOR_ID the owner and CLUSTER_LIST the cluster ID.
+On the reflectors BIRD holds those sessions; their ExaBGP is a client of the local BIRD.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def converged(lab: InteropLab, sessions: dict[str, set[str]]) -> list[str]:
 
 
 MESH = {n: {ADDRESS[o] for o in NODES if o != n} for n in NODES}
+LOOPBACK = "127.0.0.1"  # a reflector's ExaBGP to its own BIRD
 REFLECTED = {n: {ADDRESS[o] for o in REFLECTORS} for n in CLIENTS} | {
-    r: {ADDRESS[o] for o in NODES if o != r} for r in REFLECTORS
+    r: {ADDRESS[o] for o in NODES if o != r} | {LOOPBACK} for r in REFLECTORS
 }
 
 
@@ -126,12 +128,16 @@ def test_mesh_switched_to_reflectors_without_losing_a_packet(lab: InteropLab) ->
                 assert path["cluster_list"] == [CLUSTER]
                 assert path["as_path"] == []
     for name in REFLECTORS:
-        types = {p["address"]: p["type"] for p in lab.status(name)["peers"]}
+        peers = {p["address"]: p for p in lab.status(name)["peers"]}
         other = ADDRESS["rr2" if name == "rr1" else "rr1"]
-        assert types == {other: "node"} | {ADDRESS[c]: "rr-client" for c in CLIENTS}, types
-        reflected = lab.reflected_to(name)
-        for client in CLIENTS:  # to the other clients; not back, not to the other reflector
-            want = sorted(ADDRESS[c] for c in CLIENTS if c != client)
-            assert sorted(reflected[blocks[client]]) == want
+        types = {a: (p["type"], p["speaker"]) for a, p in peers.items()}
+        assert types == {other: ("node", "bird"), LOOPBACK: ("rr", "exabgp")} | {
+            ADDRESS[c]: ("rr-client", "bird") for c in CLIENTS
+        }, types
+        for client in CLIENTS:  # every other node's block: not its own back
+            assert peers[ADDRESS[client]]["advertised"] == len(NODES) - 1, peers
+        # Its ExaBGP learns everything from its BIRD, with the node's own block left out.
+        rib = lab.rib(name)
+        assert {b for n, b in blocks.items() if n != name} <= set(rib)
         assert lab.status(name)["dropped_by_policy"] == {}
     assert lab.ping_failures() == []

@@ -206,14 +206,14 @@ def test_covered_counts_only_paths_from_sessions_that_stay():
     rib.set_sessions([M12, R1])
     block = ip_network("10.244.5.0/26")
     rib.announce(M12.peer_ip, [block], PathAttributes(next_hop=M12.peer_ip))
-    peering = Peering(rib, speaker=None)
-    assert not peering._covered(M12.peer_ip, {M12.peer_ip})
+    peering = Peering(rib)
+    assert not peering.covered(M12.peer_ip, {M12.peer_ip})
     rib.announce(R1.peer_ip, [block], PathAttributes(
         next_hop=M12.peer_ip, originator_id=IPv4Address("10.0.0.12"),
         cluster_list=(IPv4Address("244.0.0.1"),),
     ))  # fmt: skip
-    assert peering._covered(M12.peer_ip, {M12.peer_ip})
-    assert not peering._covered(M12.peer_ip, {M12.peer_ip, R1.peer_ip})
+    assert peering.covered(M12.peer_ip, {M12.peer_ip})
+    assert not peering.covered(M12.peer_ip, {M12.peer_ip, R1.peer_ip})
 
 
 def test_sessions_to_external_routers_never_linger():

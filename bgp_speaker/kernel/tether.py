@@ -1,4 +1,4 @@
-"""Runs a command that must not outlive the agent: ExaBGP.
+"""Runs a command that must not outlive the agent: ExaBGP, and BIRD on a reflector node.
 
     tether.py AGENT_PID NETNS_PATH|- COMMAND [ARG...]
 
@@ -27,7 +27,9 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
+SCRIPT = Path(__file__).resolve()
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
 EXIT_USAGE = 2
@@ -51,6 +53,11 @@ def enter_netns(path: str, libc: ctypes.CDLL) -> None:
             raise OSError(code, f"setns({path}): {os.strerror(code)}")
     finally:
         os.close(fd)
+
+
+def tethered(agent_pid: int, netns_path: str | None, command: list[str]) -> list[str]:
+    """The argv that runs ``command`` through this script (a bare interpreter: no site)."""
+    return [sys.executable, "-I", "-S", str(SCRIPT), str(agent_pid), netns_path or "-", *command]
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""exabgp/tether.py: what the agent starts ExaBGP through, so ExaBGP dies with the agent.
+"""kernel/tether.py: what the agent starts ExaBGP (and BIRD) through, so ExaBGP dies with the agent.
 
 The end-to-end proof (a SIGKILLed agent on a real fabric) is in
 tests/failover/test_agent_killed.py; these show the mechanism with plain processes.
@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from bgp_speaker.exabgp import tether
-from bgp_speaker.exabgp.process import TETHER_SCRIPT
+from bgp_speaker.kernel import tether
 
 # A stand-in agent: starts `sleep` through the tether, prints its pid, then waits.
 AGENT = f"""
 import os, subprocess, sys
-child = subprocess.Popen([sys.executable, "-I", "-S", {str(TETHER_SCRIPT)!r}, str(os.getpid()),
+child = subprocess.Popen([sys.executable, "-I", "-S", {str(tether.SCRIPT)!r}, str(os.getpid()),
                           "-", "sleep", "60"], start_new_session=True)
 print(child.pid, flush=True)
 child.wait()
@@ -59,7 +58,7 @@ def test_an_orphan_never_starts_the_command(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     # Our parent is this test, not PID 1: as if the agent died before the prctl.
     done = subprocess.run(
-        [sys.executable, "-I", "-S", str(TETHER_SCRIPT), "1", "-", "touch", str(marker)],
+        [sys.executable, "-I", "-S", str(tether.SCRIPT), "1", "-", "touch", str(marker)],
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert done.returncode == tether.EXIT_ORPHANED, done
@@ -68,13 +67,13 @@ def test_an_orphan_never_starts_the_command(tmp_path: Path) -> None:
 
 
 def test_bad_usage_and_a_missing_namespace_are_refused(tmp_path: Path) -> None:
-    usage = subprocess.run([sys.executable, str(TETHER_SCRIPT), "x", "-", "true"],
+    usage = subprocess.run([sys.executable, str(tether.SCRIPT), "x", "-", "true"],
                            capture_output=True, text=True, timeout=10)  # fmt: skip
     assert usage.returncode == tether.EXIT_USAGE and "usage" in usage.stderr
     missing = tmp_path / "no-such-netns"
     script = (
         "import subprocess, sys, os; sys.exit(subprocess.run([sys.executable, "
-        f"{str(TETHER_SCRIPT)!r}, str(os.getpid()), {str(missing)!r}, 'true']).returncode)"
+        f"{str(tether.SCRIPT)!r}, str(os.getpid()), {str(missing)!r}, 'true']).returncode)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=10)  # fmt: skip
