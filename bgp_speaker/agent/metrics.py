@@ -51,11 +51,26 @@ class AgentCollector(Collector):
         restarts = CounterMetricFamily("l3fabric_exabgp_restarts", "ExaBGP restarts")
         restarts.add_metric([], status["speaker_restarts"])
         yield restarts
+        if status.get("reflector"):
+            yield from _reflector_metrics(status["reflector"])
         allocations = GaugeMetricFamily(
             "l3fabric_ipam_allocations", "Pod addresses allocated on this node"
         )
         allocations.add_metric([], self._allocations())
         yield allocations
+
+
+def _reflector_metrics(reflector: dict[str, Any]) -> Iterator[Any]:
+    """A route reflector node's BIRD (its sessions are among the peers above)."""
+    running = GaugeMetricFamily("l3fabric_bird_running", "Whether the reflector's BIRD runs")
+    running.add_metric([], 1 if reflector["running"] else 0)
+    yield running
+    restarts = CounterMetricFamily("l3fabric_bird_restarts", "BIRD restarts after it died")
+    restarts.add_metric([], reflector["restarts"])
+    yield restarts
+    reloads = CounterMetricFamily("l3fabric_bird_reloads", "BIRD configuration reloads")
+    reloads.add_metric([], reflector["reloads"])
+    yield reloads
 
 
 def serve_metrics(port: int, address: str, collector: Collector) -> CollectorRegistry:

@@ -36,7 +36,8 @@ def render_node_status(status: dict[str, Any], now: float | None = None) -> Rend
     for peer in status["peers"]:
         table.add_row(
             peer["address"],
-            peer["type"],
+            # On a reflector node BIRD holds the fabric sessions: say which process has each.
+            f"{peer['type']} (BIRD)" if peer.get("speaker") == "bird" else peer["type"],
             peer["state"],
             _since(peer["since"], now),
             str(peer["received"]),
@@ -52,8 +53,22 @@ def render_node_status(status: dict[str, Any], now: float | None = None) -> Rend
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else "")
         + f"   ExaBGP restarts: {status['speaker_restarts']}"
     )
-    overlay = _overlay_line(status.get("overlay"))
-    return Group(header, table, footer, *([overlay] if overlay is not None else []))
+    extra = [_reflector_line(status.get("reflector")), _overlay_line(status.get("overlay"))]
+    return Group(header, table, footer, *(line for line in extra if line is not None))
+
+
+def _reflector_line(reflector: dict[str, Any] | None) -> Text | None:
+    """The BIRD a route reflector node runs: up or not, restarts, reloads, its last error."""
+    if not reflector:
+        return None
+    state = f"running (pid {reflector['pid']})" if reflector["running"] else "NOT RUNNING"
+    line = (
+        f"route reflector: BIRD {state}   restarts: {reflector['restarts']}   "
+        f"reloads: {reflector['reloads']}"
+    )
+    if reflector.get("last_error"):
+        line += f"   last error: {reflector['last_error']}"
+    return Text(line)
 
 
 def _overlay_line(overlay: dict[str, Any] | None) -> Text | None:

@@ -102,7 +102,7 @@ class FakeReflector:
         return self.desired is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"running": self.active, "restarts": 0, "reloads": 0, "last_error": ""}
+        return {"running": self.active, "pid": 4242, "restarts": 0, "reloads": 0, "last_error": ""}
 
     async def stop(self) -> None:
         self.stopped = True

@@ -229,3 +229,53 @@ def test_a_new_session_without_graceful_restart_completes_a_handover_without_end
         assert plan(to_rr) == {TOR}
 
     asyncio.run(main())
+
+
+def test_a_reflector_reports_birds_sessions_in_status_view_and_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from rich.console import Console
+
+    from bgp_speaker.agent.metrics import AgentCollector
+    from bgp_speaker.bgp.reflection import (
+        ReflectorSessionState,
+        node_speaker_session,
+        reflector_desired,
+    )
+    from l3fabric.views.node_status import render_node_status
+
+    routing, _, _ = reflector()
+    loopback = node_speaker_session(ME, 64512, 90, None, 120)
+    bird = reflector_desired(ME, CLUSTER, 64512, ((POOL, 26),), SESSIONS[:2], loopback,
+                             frozenset(), {})  # fmt: skip
+    desired = routing.state.desired
+    assert desired is not None
+    routing.state.desired = DesiredState((loopback,), desired.exports, desired.policy,
+                                         desired.peering, reflector=bird)  # fmt: skip
+    fake = routing.reflector
+    assert isinstance(fake, FakeReflector)
+    fake.apply(bird)
+    fake.reported = (
+        ReflectorSessionState("peer_10_0_0_11", C1, "Established", 1000.0, "Established", 4, 7),
+        ReflectorSessionState("peer_10_0_0_12", C2, "Active", 900.0, "Active",
+                              last_error="Socket: Connection refused"),
+    )  # fmt: skip
+    status = asyncio.run(routing.status())
+    peers = {p["address"]: p for p in status["peers"]}
+    assert peers[str(C1)] | {} == {
+        "address": str(C1), "type": "rr-client", "state": "established", "since": 1000.0,
+        "received": 4, "accepted": 4, "advertised": 7, "reason": "", "speaker": "bird",
+    }  # fmt: skip
+    assert peers[str(C2)]["state"] == "active"
+    assert peers[str(C2)]["reason"] == "Socket: Connection refused"
+    assert peers["127.0.0.1"]["speaker"] == "exabgp"
+
+    console = Console(record=True, width=200)
+    console.print(render_node_status(status, now=1010.0))
+    text = console.export_text()
+    assert "rr-client (BIRD)" in text and "route reflector: BIRD running" in text
+
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(lambda: status, lambda: 0))
+    scraped = generate_latest(registry).decode()
+    assert "l3fabric_bird_running 1.0" in scraped
+    assert 'l3fabric_bgp_prefixes_received{peer="10.0.0.11"} 4.0' in scraped
