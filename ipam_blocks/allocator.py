@@ -34,6 +34,7 @@ from ipam_blocks.errors import (
 from ipam_blocks.handles import find_by_handle, name_taken
 from ipam_blocks.model import (
     IPAM_CONFIG_NAME,
+    NODE_LABEL,
     AffinityState,
     AllocationType,
     Attribute,
@@ -46,6 +47,7 @@ from ipam_blocks.model import (
     affinity_name,
     block_name,
     handle_name,
+    node_labels,
     parse_affinity,
     parse_block,
     parse_handle,
@@ -62,7 +64,6 @@ from ipam_blocks.store.base import Resource, Store
 
 log = logging.getLogger("l3fabric.ipam")
 
-NODE_LABEL = "l3fabric.io/node"
 CLAIMED_AT_ANNOTATION = "l3fabric.io/claimed-at"
 
 
@@ -147,14 +148,21 @@ class IPAM:
 
     # --- handles ----------------------------------------------------------------------------
 
-    def _adjust_handle(self, handle_id: str, cidr: IPNetwork, delta: int) -> None:
+    def _adjust_handle(
+        self, handle_id: str, cidr: IPNetwork, delta: int, node: str | None = None
+    ) -> None:
+        """Count `delta` more addresses of the handle in `cidr`; `node`, the node they are
+        allocated for, labels a handle created here or one that has no label yet."""
+
         def attempt() -> None:
             res = find_by_handle(self.store, "IPAMHandle", handle_id)
             if res is None:
                 if delta <= 0:
                     return
                 try:
-                    self.store.create(render_handle(Handle(handle_id, {str(cidr): delta})))
+                    self.store.create(
+                        render_handle(Handle(handle_id, {str(cidr): delta}, node=node))
+                    )
                 except AlreadyExists:
                     if find_by_handle(self.store, "IPAMHandle", handle_id) is None:
                         raise name_taken(self.store, "IPAMHandle", handle_id) from None
@@ -167,7 +175,8 @@ class IPAM:
             if counts[str(cidr)] == 0:
                 del counts[str(cidr)]
             if counts:
-                self.store.update(render_handle(replace(handle, blocks=counts)))
+                owner = handle.node or node
+                self.store.update(render_handle(replace(handle, blocks=counts, node=owner)))
             else:
                 self.store.delete("IPAMHandle", handle.name, handle.revision)
 
@@ -285,7 +294,7 @@ class IPAM:
             new, ips = blockmath.assign(blk, count, attr)
             if not ips:
                 return []
-            self._adjust_handle(attr.handle_id, cidr, len(ips))
+            self._adjust_handle(attr.handle_id, cidr, len(ips), attr.node)
             try:
                 self._write_block(new)
             except BaseException:
@@ -321,7 +330,7 @@ class IPAM:
         def attempt() -> IPAddress:
             blk = self.read_block(cidr)
             new = blockmath.assign_ip(blk, ip, attr)
-            self._adjust_handle(handle_id, cidr, 1)
+            self._adjust_handle(handle_id, cidr, 1, node_name)
             try:
                 self._write_block(new)
             except BaseException:
@@ -351,7 +360,6 @@ class IPAM:
     def _affinity_resource(self, node: str, cidr: IPNetwork, state: AffinityState) -> Resource:
         return replace(
             render_affinity(BlockAffinity(node, cidr, state)),
-            labels={NODE_LABEL: node},
             annotations={CLAIMED_AT_ANNOTATION: str(int(self.clock()))},
         )
 
@@ -383,8 +391,10 @@ class IPAM:
                 except AlreadyExists:
                     raise Conflict("BlockAffinity", affinity_name(node, cidr)) from None
                 return
-            if res.spec.get("state") != state.value:
-                self.store.update(res.with_spec({**res.spec, "state": state.value}))
+            labels = {**res.labels, **node_labels(node)}  # one written before labels: now
+            if res.spec.get("state") != state.value or labels != res.labels:
+                spec = {**res.spec, "state": state.value}
+                self.store.update(replace(res, spec=spec, labels=labels))
 
         retry_conflicts(attempt, f"affinity {node} {cidr} -> {state}")
 

@@ -81,13 +81,18 @@ def collect_garbage(ipam: IPAM, liveness: OwnerLiveness, grace: float) -> GCResu
     return result
 
 
-def _actual_counts(ipam: IPAM, handle_id: str) -> dict[str, int]:
+def _actual_counts(ipam: IPAM, handle_id: str) -> tuple[dict[str, int], str | None]:
+    """-> (addresses of the handle per block, the node they were allocated for)."""
     counts = {}
+    node = None
     for blk in ipam.blocks():
         n = blockmath.allocations_by_handle(blk).get(handle_id, 0)
         if n:
             counts[str(blk.cidr)] = n
-    return counts
+            node = node or next(
+                (a.node for a in blk.attributes if a.handle_id == handle_id and a.node), None
+            )
+    return counts, node
 
 
 def _settle_handle(ipam: IPAM, handle_id: str, now: float, grace: float) -> bool:
@@ -95,12 +100,12 @@ def _settle_handle(ipam: IPAM, handle_id: str, now: float, grace: float) -> bool
     store = ipam.store
 
     def attempt() -> bool:
-        actual = _actual_counts(ipam, handle_id)
+        actual, node = _actual_counts(ipam, handle_id)
         res = find_by_handle(store, "IPAMHandle", handle_id)
         if res is None:
             if actual:
                 try:
-                    store.create(render_handle(Handle(handle_id, actual)))
+                    store.create(render_handle(Handle(handle_id, actual, node=node)))
                 except AlreadyExists:
                     if find_by_handle(store, "IPAMHandle", handle_id) is None:
                         # Never count on another handle's object: left for an operator.

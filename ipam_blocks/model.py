@@ -18,6 +18,11 @@ from ipam_blocks.errors import InvalidInput
 from ipam_blocks.selector import EVERYTHING, LabelSelector, parse_selector_dict
 from ipam_blocks.store.base import Resource
 
+# The node an IPAMBlock (its affinity), BlockAffinity or IPAMHandle (its allocations) belongs
+# to, as a label: an agent lists and watches only its own node's objects by it (and admission
+# checks it on affinities). Written by every render below; metadata, so no CRD schema names it.
+NODE_LABEL = "l3fabric.io/node"
+
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -273,6 +278,10 @@ def parse_block(res: Resource) -> Block:
     )
 
 
+def node_labels(node: str | None) -> dict[str, str]:
+    return {NODE_LABEL: node} if node else {}
+
+
 def render_block(block: Block) -> Resource:
     spec: dict[str, Any] = {
         "cidr": str(block.cidr),
@@ -294,7 +303,8 @@ def render_block(block: Block) -> Resource:
     }
     if block.affinity:
         spec["affinity"] = f"host:{block.affinity}"
-    return Resource("IPAMBlock", block.name, spec, revision=block.revision)
+    labels = node_labels(block.affinity)
+    return Resource("IPAMBlock", block.name, spec, labels, revision=block.revision)
 
 
 # --- BlockAffinity ---------------------------------------------------------------------------
@@ -323,7 +333,7 @@ def parse_affinity(res: Resource) -> BlockAffinity:
 
 def render_affinity(aff: BlockAffinity) -> Resource:
     spec = {"node": aff.node, "cidr": str(aff.cidr), "state": aff.state.value}
-    return Resource("BlockAffinity", aff.name, spec, revision=aff.revision)
+    return Resource("BlockAffinity", aff.name, spec, node_labels(aff.node), revision=aff.revision)
 
 
 # --- IPAMHandle ------------------------------------------------------------------------------
@@ -336,6 +346,9 @@ class Handle:
     revision: str | None = None
     stored_as: str | None = field(default=None, compare=False)
     """The name it was read under (one stored before per-case names may differ)."""
+    node: str | None = field(default=None, compare=False)
+    """The node its addresses were allocated for (its label); None on one written before
+    handles were labelled, until `node_labels.label_node_objects` labels it."""
 
     @property
     def name(self) -> str:
@@ -347,12 +360,19 @@ class Handle:
 
 
 def parse_handle(res: Resource) -> Handle:
-    return Handle(res.spec["handleID"], dict(res.spec.get("block") or {}), res.revision, res.name)
+    return Handle(
+        res.spec["handleID"],
+        dict(res.spec.get("block") or {}),
+        res.revision,
+        res.name,
+        res.labels.get(NODE_LABEL),
+    )
 
 
 def render_handle(handle: Handle) -> Resource:
     spec = {"handleID": handle.handle_id, "block": dict(handle.blocks)}
-    return Resource("IPAMHandle", handle.name, spec, revision=handle.revision)
+    labels = node_labels(handle.node)
+    return Resource("IPAMHandle", handle.name, spec, labels, revision=handle.revision)
 
 
 # --- IPAMConfig ------------------------------------------------------------------------------

@@ -35,8 +35,14 @@ CONFLICT_BUDGET = RetryBudget()
 UNAVAILABLE_BUDGET = RetryBudget(attempts=6, base_delay=0.2, max_delay=2.0)
 
 
+def backoff_delay(budget: RetryBudget, attempt: int) -> float:
+    """Seconds to wait before try `attempt` + 2: exponential, capped, with full jitter (many
+    clients failing together do not come back together)."""
+    return random.uniform(0, min(budget.max_delay, budget.base_delay * (2 ** min(attempt, 62))))
+
+
 def _pause(budget: RetryBudget, attempt: int) -> None:
-    time.sleep(random.uniform(0, min(budget.max_delay, budget.base_delay * (2**attempt))))
+    time.sleep(backoff_delay(budget, attempt))
 
 
 def retry_conflicts(op: Callable[[], T], what: str, budget: RetryBudget = CONFLICT_BUDGET) -> T:

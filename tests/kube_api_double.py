@@ -5,10 +5,10 @@ store and pod-liveness check use, with the real server's semantics wherever the 
 tell the difference:
 
 - `/apis/l3fabric.io/v1/{plural}[/{name}]` for every CRD in `charts/l3fabric/crds/`: list (with
-  `labelSelector`), watch, create, get, replace, delete. Request bodies are pruned to the CRD's
-  openAPIV3Schema (undeclared fields vanish, non-nullable nulls are dropped, defaults applied),
-  then validated against it (types, int32/int64, enum, required, minimum/maximum, ...); a
-  violation is a 422 `Invalid` Status whose causes name the field.
+  `labelSelector`, `limit` and `continue`), watch, create, get, replace, delete. Request bodies
+  are pruned to the CRD's openAPIV3Schema (undeclared fields vanish, non-nullable nulls are
+  dropped, defaults applied), then validated against it (types, int32/int64, enum, required,
+  minimum/maximum, ...); a violation is a 422 `Invalid` Status whose causes name the field.
 - `/api/v1/nodes[/{name}]`: list, watch, create, get, replace, patch (JSON patch and JSON merge
   patch, applied to the object as stored when the request arrives), delete.
 - Finalizers: deleting an object whose `metadata.finalizers` is not empty only sets its
@@ -30,13 +30,22 @@ tell the difference:
   the object's resourceVersion and emits no event (etcd3 storage does the same).
 - Watches stream chunked newline-delimited JSON events after `resourceVersion` from an in-memory
   event log (`compact()` forgets it: older watches then get a 410 `Expired` ERROR event), honour
-  `timeoutSeconds` and send a BOOKMARK before closing when `allowWatchBookmarks` is set.
+  `timeoutSeconds` and send a BOOKMARK before closing when `allowWatchBookmarks` is set. With a
+  `labelSelector` an object entering the selector is ADDED, one leaving it DELETED (its previous
+  state at the new resourceVersion, as the watch cache does). `drop_watches()` ends every open
+  watch at once, as an API server restart does (`expire=True`: its new watch cache also answers
+  410 to resumes from before the restart).
+- Paged lists: `limit` returns that many items and a `continue` token; the following pages are
+  served at the first page's resourceVersion (rebuilt from the event log), and a token older
+  than the last `compact()` is a 410 `Expired`, as on the real server.
 - Every error is a real `Status` object. Requests need the bearer token from the kubeconfig the
   double writes. Query parameters that would change semantics but are not implemented
   (fieldSelector, dryRun, ...) are refused with 400 so nobody silently relies on them.
 
-Every request is recorded in `requests` (method, path, query, JSON body) so tests can derive the
-RBAC rules the code needs and see what a write sends. `fail_next(code)` makes the next
+Every request is recorded in `requests` (method, path, query, JSON body, the bearer token, and
+the bytes of its response once sent) so tests can derive the RBAC rules the code needs, see what
+a write sends, and count what one client costs the server (`add_token` gives clients their own
+token; `requests_of(token)`, `bytes_sent(token)`). `fail_next(code)` makes the next
 request(s) fail with a server error.
 """
 
@@ -512,12 +521,14 @@ def _check_root(schema: Mapping[str, Any]) -> None:
 # The server
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecordedRequest:
     method: str
     path: str
     query: Mapping[str, str]
     body: Any = None  # the JSON-decoded request body (None: none, or not JSON)
+    token: str = ""  # the bearer token it came with
+    bytes_sent: int = 0  # response bytes (headers excluded), growing while a watch streams
 
 
 @dataclass(frozen=True)
@@ -604,6 +615,8 @@ class KubeApiDouble:
         self._events: list[_Event] = []
         self._revision = 1
         self._compacted = 0
+        self._tokens = {token}
+        self._watch_epoch = 0  # drop_watches() ends every stream started in an older epoch
         self._failures: list[tuple[int, str]] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -712,6 +725,28 @@ class KubeApiDouble:
             self._events.clear()
             self._compacted = self._revision
 
+    def drop_watches(self, *, expire: bool = False) -> None:
+        """End every open watch stream, as an API server restart does. `expire`: the restarted
+        server's watch cache starts empty, so resuming from an older revision gets 410."""
+        with self._cond:
+            self._watch_epoch += 1
+            if expire:
+                self._events.clear()
+                self._compacted = self._revision
+            self._cond.notify_all()
+
+    def add_token(self, token: str) -> None:
+        """Accept `token` too, so one client's requests can be told from the others'."""
+        with self._cond:
+            self._tokens.add(token)
+
+    def requests_of(self, token: str) -> list[RecordedRequest]:
+        return [r for r in list(self.requests) if r.token == token]
+
+    def bytes_sent(self, token: str) -> int:
+        """Response bytes sent so far to requests carrying `token`."""
+        return sum(r.bytes_sent for r in self.requests_of(token))
+
     def fail_next(
         self, code: int = 503, count: int = 1, reason: str = "ServiceUnavailable"
     ) -> None:
@@ -726,6 +761,10 @@ class KubeApiDouble:
             return [copy.deepcopy(stored[k]) for k in sorted(stored)]
 
     # -- request handling (called from handler threads) ----------------------------------------
+
+    def _accepts(self, token: str) -> bool:
+        with self._cond:
+            return token in self._tokens
 
     def _next_failure(self) -> tuple[int, str] | None:
         with self._cond:
@@ -796,20 +835,54 @@ class KubeApiDouble:
         self, rtype: ResourceType, namespace: str, query: Mapping[str, str]
     ) -> dict[str, Any]:
         selector = _selector(query)
+        limit = _limit(query)
+        after: tuple[str, str] | None = None
         with self._cond:
-            stored = self._objects.get(rtype.plural, {})
-            items = [
-                copy.deepcopy(obj)
-                for (ns, _), obj in sorted(stored.items())
-                if (not namespace or ns == namespace) and selector.matches(_labels(obj))
-            ]
-            revision = str(self._revision)
+            if query.get("continue"):
+                revision, after = _parse_continue(query["continue"])
+                if revision < self._compacted:
+                    raise ApiError(410, "Expired", _CONTINUE_EXPIRED)
+                stored = self._state_at(rtype.plural, revision)
+            else:
+                revision, stored = self._revision, self._objects.get(rtype.plural, {})
+            items: list[dict[str, Any]] = []
+            last = more = None
+            for key, obj in sorted(stored.items()):
+                if after is not None and key <= after:
+                    continue
+                if (namespace and key[0] != namespace) or not selector.matches(_labels(obj)):
+                    continue
+                if limit is not None and len(items) == limit:
+                    more = last
+                    break
+                items.append(copy.deepcopy(obj))
+                last = key
+        meta: dict[str, Any] = {"resourceVersion": str(revision)}
+        if more is not None:
+            meta["continue"] = _continue_token(revision, more)
         return {
             "apiVersion": rtype.api_version,
             "kind": f"{rtype.kind}List",
-            "metadata": {"resourceVersion": revision},
+            "metadata": meta,
             "items": items,
         }
+
+    def _state_at(self, plural: str, revision: int) -> dict[tuple[str, str], dict[str, Any]]:
+        """The objects of `plural` as they were at `revision`: today's, with every logged
+        change after it undone (the log reaches back to the last compaction). Lock held."""
+        state = dict(self._objects.get(plural, {}))
+        for event in reversed(self._events):
+            if event.revision <= revision:
+                break
+            if event.resource != plural:
+                continue
+            meta = event.obj["metadata"]
+            key = (meta.get("namespace", ""), meta["name"])
+            if event.old is None:  # ADDED
+                state.pop(key, None)
+            else:
+                state[key] = event.old
+        return state
 
     def _get(self, rtype: ResourceType, namespace: str, name: str) -> dict[str, Any]:
         with self._cond:
@@ -1160,15 +1233,18 @@ class KubeApiDouble:
             return
         deadline = time.monotonic() + timeout
         last = since
+        with self._cond:
+            epoch = self._watch_epoch
         while True:
             with self._cond:
                 while True:
                     pending = [e for e in self._events if e.revision > last]
                     remaining = deadline - time.monotonic()
-                    if pending or self._stopping or remaining <= 0:
+                    dropped = self._watch_epoch != epoch
+                    if pending or self._stopping or dropped or remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                if self._stopping:
+                if self._stopping or dropped:
                     return
                 # Everything up to here has been looked at: a bookmark may carry this revision.
                 last = pending[-1].revision if pending else self._revision
@@ -1205,8 +1281,43 @@ def _filter_event(event: _Event, rtype: ResourceType, namespace: str, selector: 
         case "MODIFIED" if now:
             return _event_line("ADDED", event.obj)
         case "MODIFIED" if before:
-            return _event_line("DELETED", event.obj)
+            # The watch cache sends the last state the watcher could see, at the new revision.
+            assert event.old is not None
+            gone = copy.deepcopy(event.old)
+            gone["metadata"]["resourceVersion"] = event.obj["metadata"]["resourceVersion"]
+            return _event_line("DELETED", gone)
     return None
+
+
+_CONTINUE_EXPIRED = (
+    "The provided continue parameter is too old to display a consistent list result. You can "
+    "start a new list without the continue parameter."
+)
+
+
+def _limit(query: Mapping[str, str]) -> int | None:
+    text = query.get("limit")
+    if not text or text == "0":  # 0 and absent: no limit
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ApiError(400, "BadRequest", f"invalid limit {text!r}") from None
+    return limit if limit > 0 else None
+
+
+def _continue_token(revision: int, last: tuple[str, str]) -> str:
+    text = json.dumps({"v": "meta.k8s.io/v1", "rv": revision, "start": list(last)})
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _parse_continue(token: str) -> tuple[int, tuple[str, str]]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        namespace, name = data["start"]
+        return int(data["rv"]), (str(namespace), str(name))
+    except (ValueError, TypeError, KeyError):
+        raise ApiError(400, "BadRequest", f"continue key is not valid: {token!r}") from None
 
 
 def _event_line(kind: str, obj: Mapping[str, Any]) -> bytes:
@@ -1475,10 +1586,13 @@ class _Handler(BaseHTTPRequestHandler):
         query = dict(parse_qsl(split.query, keep_blank_values=True))
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        double.requests.append(RecordedRequest(self.command, split.path, query, _json_or_none(raw)))
+        authorization = self.headers.get("Authorization") or ""
+        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else ""
+        self.record = RecordedRequest(self.command, split.path, query, _json_or_none(raw), token)
+        double.requests.append(self.record)
         req = _Request(self.command, split.path, query, self.headers)
         try:
-            if self.headers.get("Authorization") != f"Bearer {double.token}":
+            if not double._accepts(token):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             failure = double._next_failure()
             if failure is not None:
@@ -1510,6 +1624,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Warning", f'299 - "{warning}"')
         self.end_headers()
         self.wfile.write(data)
+        self.record.bytes_sent += len(data)
 
     def _send_stream(self, lines: Iterator[bytes]) -> None:
         self.send_response(200)
@@ -1521,6 +1636,7 @@ class _Handler(BaseHTTPRequestHandler):
             for line in lines:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                 self.wfile.flush()
+                self.record.bytes_sent += len(line)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:

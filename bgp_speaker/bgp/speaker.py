@@ -24,11 +24,16 @@ class Speaker(Protocol):
         ...
 
     async def set_sessions(
-        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+        self,
+        sessions: Sequence[SessionSpec],
+        *,
+        handed_over: Collection[IPAddr] = (),
+        listen: bool = True,
     ) -> bool:
         """Make the speaker's neighbours exactly ``sessions``; False: nothing changed.
         Sessions removed whose peers are in ``handed_over`` (another speaker takes them) end
-        without a NOTIFICATION, so the peers' graceful restart keeps our routes meanwhile."""
+        without a NOTIFICATION, so the peers' graceful restart keeps our routes meanwhile.
+        ``listen`` False: accept no connections (BIRD listens on a reflector node)."""
         ...
 
     async def announce(self, prefixes: Iterable[IPNet], *, communities: Sequence[str] = ()) -> None:

@@ -28,6 +28,7 @@ NODE_SPEAKER_PROTOCOL = "node_speaker"
 CONNECT_RETRY = 5
 CONNECT_DELAY = 2
 ERROR_WAIT = (5, 30)
+GRACEFUL_RESTART_WAIT = 20
 
 
 def protocol_name(peer: IPAddr) -> str:
@@ -44,6 +45,9 @@ def render_bird_config(desired: ReflectorDesired) -> str:
         f"router id {desired.router_id};",
         # Epoch seconds in `show protocols`: what `node status` reports.
         'timeformat protocol "%s";',
+        # How long a restarted BIRD (-R) waits for its peers' End-of-RIBs before it sends
+        # anything: a client that stays down must not hold the fabric back for BIRD's 240 s.
+        f"graceful restart wait {GRACEFUL_RESTART_WAIT};",
         "",
         "protocol device {}",
         "",

@@ -42,8 +42,8 @@ RELOAD_DEBOUNCE = 0.2
 READY_TIMEOUT = 10.0
 BACKOFF = (1.0, 30.0, 60.0)  # first delay, cap, a run this long resets the backoff
 NO_LISTENING_SOCKET = "No listening socket"
-REBIND_ATTEMPTS = 30
-REBIND_PAUSE = 1.0
+REBIND_WINDOW = 10.0
+REBIND_PAUSE = 0.5
 
 
 class BirdReflector:
@@ -62,6 +62,7 @@ class BirdReflector:
         self._running_text: str | None = None
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._rebinder: asyncio.Task[None] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -93,12 +94,12 @@ class BirdReflector:
         }
 
     async def stop(self) -> None:
-        for task in (self._worker, self._supervisor):
+        for task in (self._worker, self._supervisor, self._rebinder):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._worker = self._supervisor = None
+        self._worker = self._supervisor = self._rebinder = None
         self._kill()
 
     async def sessions(self) -> tuple[ReflectorSessionState, ...]:
@@ -125,7 +126,7 @@ class BirdReflector:
                 continue
             try:
                 await self._configure(wanted)
-                await self._rebind()
+                self.last_error = ""
             except Exception as err:  # level state: the next change or restart tries again
                 self.last_error = str(err)
                 log.error("BIRD not configured", extra={"op": "bird", "reason": str(err)})
@@ -155,27 +156,34 @@ class BirdReflector:
             self._running_text = text
             self._ensure_supervised()
             await self._wait_ready()
-            return
-        reply = await bird_command(self.socket_path, "configure")
-        self._running_text = text
-        self.reloads += 1
-        log.info("BIRD reconfigured", extra={"op": "bird", "reason": reply.text().strip()})
+        else:
+            reply = await bird_command(self.socket_path, "configure")
+            self._running_text = text
+            self.reloads += 1
+            log.info("BIRD reconfigured", extra={"op": "bird", "reason": reply.text().strip()})
+        if self._rebinder is not None:
+            self._rebinder.cancel()
+        self._rebinder = asyncio.create_task(self._rebind(), name="bird-rebind")
 
     async def _rebind(self) -> None:
-        """Restart sessions that found no listening socket. BIRD binds a session's local
-        address when the session starts and never tries again: at the moment a node becomes
-        a reflector, ExaBGP may still hold the port for a moment."""
-        for _ in range(REBIND_ATTEMPTS):
-            reply = await bird_command(self.socket_path, "show protocols")
-            unbound = [
-                line.split()[0] for _, line in reply.lines if line.endswith(NO_LISTENING_SOCKET)
-            ]
-            if not unbound:
-                return
+        """Enable again sessions that found no listening socket, for REBIND_WINDOW seconds
+        after a configuration was loaded. BIRD binds a session's local address when the
+        session starts and disables it when that fails: at the moment a node becomes a
+        reflector, ExaBGP may still hold the port for a moment."""
+        for _ in range(int(REBIND_WINDOW / REBIND_PAUSE)):
             await asyncio.sleep(REBIND_PAUSE)
-            for name in unbound:
-                await bird_command(self.socket_path, f"restart {name}")
-        log.error("BIRD cannot listen", extra={"op": "bird", "reason": NO_LISTENING_SOCKET})
+            try:
+                reply = await bird_command(self.socket_path, "show protocols")
+            except (BirdUnavailable, BirdCommandFailed):
+                continue  # restarting: the supervisor's business
+            for _, line in reply.lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "down" and NO_LISTENING_SOCKET in line:
+                    log.info("enabling a session that could not listen", extra={
+                        "op": "bird", "protocol": fields[0],
+                    })  # fmt: skip
+                    with contextlib.suppress(BirdUnavailable, BirdCommandFailed):
+                        await bird_command(self.socket_path, f"enable {fields[0]}")
 
     # --- the process ------------------------------------------------------------------------
 
@@ -192,10 +200,15 @@ class BirdReflector:
             if self._alive() and self.socket_path.exists():
                 with contextlib.suppress(BirdUnavailable, BirdCommandFailed):
                     await bird_command(self.socket_path, "show status", timeout=1.0)
+                    # BIRD makes its socket 0660 whatever the umask: the agent's alone.
                     os.chmod(self.socket_path, 0o600)
                     return
             await asyncio.sleep(0.05)
         raise BirdUnavailable(f"BIRD did not answer on {self.socket_path} in {READY_TIMEOUT} s")
+
+    async def _quietly_wait_ready(self) -> None:
+        with contextlib.suppress(BirdUnavailable):  # it died meanwhile: the supervisor knows
+            await self._wait_ready()
 
     async def _supervise(self) -> None:
         initial, cap, stable_after = BACKOFF
@@ -216,15 +229,17 @@ class BirdReflector:
             self.restarts += 1
             self.last_error = f"BIRD exited with {code}"
             log.error("BIRD died", extra={"op": "bird", "code": code, "restart_in": delay})
-            await asyncio.sleep(delay)
-            self._running_text = None  # the new process reads the file as it is now
-            self._wake.set()
+            await asyncio.sleep(delay)  # then the loop starts it again, from the last good file
 
     async def _run_once(self) -> int:
         argv = tethered(
             os.getpid(), self.netns_path,
-            [self._bird, "-f", "-c", str(self.config_path), "-s", str(self.socket_path),
-             "-P", str(self.pid_path)],
+            # -R, graceful restart recovery: BIRD sends nothing until its peers have sent their
+            # End-of-RIBs (or `graceful restart wait` passed). Its peers keep our routes by
+            # graceful restart while it is away; without -R it would answer their return with
+            # a partial table and its End-of-RIB, and they would drop the rest.
+            [self._bird, "-f", "-R", "-c", str(self.config_path), "-s",
+             str(self.socket_path), "-P", str(self.pid_path)],
         )  # fmt: skip
         # Forked from the event loop's thread: the parent-death signal follows that thread.
         proc = subprocess.Popen(
@@ -235,10 +250,12 @@ class BirdReflector:
         log.info("BIRD started", extra={"op": "bird", "pid": proc.pid})
         assert proc.stdout is not None
         reader = asyncio.create_task(self._forward_log(proc.stdout.fileno()))
+        ready = asyncio.create_task(self._quietly_wait_ready())  # its socket made private
         try:
             return await asyncio.to_thread(proc.wait)
         finally:
             reader.cancel()
+            ready.cancel()
 
     async def _forward_log(self, fd: int) -> None:
         loop = asyncio.get_running_loop()

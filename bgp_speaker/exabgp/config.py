@@ -199,16 +199,31 @@ def _quoted(value: str, field: str) -> str:
     return f'"{value}"'
 
 
-# ExaBGP's reactor runs at most 50 API route changes per loop and then sleeps speed/100 s
-# unless a socket wakes it; idle, it also wakes every speed/100 s and runs every peer.
-# Measured with bench/converge.py: at 0.1 (1 ms) ExaBGP idles at 7% of a CPU with one
-# session and 31% with 50; at 0.5 at 3.5% (7.5% with 50), as at ExaBGP's default 1.0, and
-# it receives 20k routes as fast as at 0.1. What the loop time slows is API intake: 20k
-# reflected routes take 1.4x longer at 0.5 than at 0.1, 1.8x at 1.0. Only a reflector pushes
-# routes by the thousand through the API, so it alone runs at 0.1; a node restarts its
-# ExaBGP (graceful restart keeps the routes) when it becomes or stops being a reflector.
-NODE_SPEED = "0.5"
-REFLECTOR_SPEED = "0.1"
+# ExaBGP's reactor gives every peer a turn on every loop and then sleeps speed/100 s unless a
+# socket (a peer, the API) wakes it: idle, it costs (a fixed part + peers) x loops per second;
+# an API command wakes it at once, so a longer sleep does not delay commands. Keepalives due
+# (ExaBGP counts whole seconds), signals (reload) and new connections wait one sleep at most.
+# Measured on 2 cores (issue 13): idle CPU of ExaBGP + relay, % of a core, at speed
+# 0.5 / 1 / 2 / 5 / 10 / 20, quiet sessions (hold 90 s) to BIRD peers in namespaces:
+#   2 sessions    4.9-5.1 / 2.8-2.9 / 1.3-1.6 / 0.6-0.8 / 0.3   / 0.13
+#   10 sessions   7.4-7.9 / 5.1     / 2.6     / 1.0     / 0.5   / 0.2
+#   100 sessions  31      / 18      / 11.7    / 5.3     / 2.2-2.7 / 1.2
+# (0.5-10: bench/RESULTS.md "ExaBGP reactor speed sweep"; 20, and 10 again at 100 sessions,
+# measured the same way.) API announce -> route in a BIRD peer's kernel: 3-7 ms median at
+# every speed with 2 sessions, 9 ms at 20 with 10 sessions: the sleep never delays it.
+# A whole mesh3 lab node (agent, ExaBGP, relay; 2 sessions) idles at 0.4 % at 20, 7.6 % at
+# 0.5 before. With hold 3 s, keepalives still leave 1.00 s apart (tests/agent/test_idle.py).
+# 10 would leave a full mesh of 100 no room under its 3 % (2.2-2.7 % + the agent); 20 does.
+# (With hold 3 s, 100 sessions cost ~35 % at 10 and 20 alike: every keepalive that arrives
+# wakes the reactor, which then runs every peer; speed cannot help there.)
+# No node pushes routes by the thousand through the API any more (BIRD reflects), so every
+# node runs this speed.
+NODE_SPEED = "20"
+# ExaBGP takes at most 50 API route changes per loop, then sleeps (above) unless more input
+# wakes it. A command of no more prefixes is done in one loop, and its ack brings the next
+# command, which wakes the reactor: a 20k-prefix flood took 6-10 s at speed 20 in lines of
+# 50, where lines of 1000 sleep 20 times each (80 s; tests/agent/test_idle.py has a burst).
+API_ROUTES_PER_LOOP = 50
 
 
 def render_env(
@@ -216,13 +231,9 @@ def render_env(
     *,
     listen_port: int = BGP_PORT,
     log_level: str = "INFO",
-    reflector: bool = False,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The ``exabgp.*`` environment for ``exabgp server``, sorted by key.
-
-    ``reflector``: some session is a route reflection client, so routes by the thousand go
-    in through the API (see REFLECTOR_SPEED).
 
     ``listen_addresses`` empty means outbound only (``exabgp.tcp.bind`` empty). With a listen
     port other than 179 the neighbours carry ``listen`` themselves and nothing is bound here.
@@ -247,7 +258,7 @@ def render_env(
         # speaker then restarts.
         "exabgp.api.respawn": "true",
         "exabgp.api.terminate": "false",
-        "exabgp.reactor.speed": REFLECTOR_SPEED if reflector else NODE_SPEED,
+        "exabgp.reactor.speed": NODE_SPEED,
         "exabgp.tcp.bind": " ".join(str(a) for a in bind),
         "exabgp.tcp.attempts": "0",
         "exabgp.bgp.passive": "false",

@@ -91,7 +91,7 @@ from bgp_speaker.exabgp.codec import (
     render_route_refresh,
     render_withdraw,
 )
-from bgp_speaker.exabgp.config import render_config, render_env
+from bgp_speaker.exabgp.config import API_ROUTES_PER_LOOP, render_config, render_env
 from bgp_speaker.exabgp.relay import DEFAULT_MAX_BUFFER
 from bgp_speaker.kernel.netns import netns_path, open_netns
 from bgp_speaker.kernel.tether import tethered
@@ -355,12 +355,17 @@ class ExaBGPSpeaker:
     # --- sessions -------------------------------------------------------------------------
 
     async def set_sessions(
-        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+        self,
+        sessions: Sequence[SessionSpec],
+        *,
+        handed_over: Collection[IPAddr] = (),
+        listen: bool = True,
     ) -> bool:
         """Make ExaBGP's neighbours exactly ``sessions``. False: nothing changed.
 
         A removed session whose peer is in ``handed_over`` (BIRD takes it) goes without a
-        NOTIFICATION: ExaBGP is restarted rather than reloaded.
+        NOTIFICATION: ExaBGP is restarted rather than reloaded. ``listen`` False (on a
+        reflector node, where BIRD listens) binds nothing, whatever the speaker's setting.
 
         Unchanged sessions stay up. Raises ConfigRejected (nothing touched) for a desired
         state ExaBGP would refuse, SpeakerUnavailable if ExaBGP does not come up or confirm
@@ -378,9 +383,7 @@ class ExaBGPSpeaker:
                     listen_port=self.listen_port,
                 )  # fmt: skip
                 env = render_env(
-                    # Only where a session waits for its peer: on a reflector node BIRD
-                    # listens on the node's address and ExaBGP only connects out.
-                    [s.local_address for s in wanted if s.passive] if self.listen else [],
+                    [s.local_address for s in wanted] if self.listen and listen else [],
                     listen_port=self.listen_port,
                     extra=self._env_extra,
                 )
@@ -516,7 +519,10 @@ class ExaBGPSpeaker:
         """Commands that give ``peer`` (None: every neighbour) the current routes."""
         lines: list[str] = []
         for attributes, prefixes in group_by_attributes(self._exports.items()).items():
-            lines += render_announce(prefixes, attributes, peers=() if peer is None else (peer,))
+            lines += render_announce(
+                prefixes, attributes, peers=() if peer is None else (peer,),
+                batch=API_ROUTES_PER_LOOP,
+            )  # fmt: skip
         return lines
 
     # --- routes ---------------------------------------------------------------------------
@@ -545,7 +551,9 @@ class ExaBGPSpeaker:
             for prefix in items:
                 self._exports[prefix] = attributes
 
-        await self._routes_command(record, render_announce(items, attributes))
+        await self._routes_command(
+            record, render_announce(items, attributes, batch=API_ROUTES_PER_LOOP)
+        )
 
     async def withdraw(self, prefixes: Iterable[IPNet]) -> None:
         """Stop advertising ``prefixes``."""
@@ -555,7 +563,7 @@ class ExaBGPSpeaker:
             for prefix in items:
                 self._exports.pop(prefix, None)
 
-        await self._routes_command(record, render_withdraw(items))
+        await self._routes_command(record, render_withdraw(items, batch=API_ROUTES_PER_LOOP))
 
     async def _routes_command(self, record: Callable[[], None], lines: list[str]) -> None:
         futures: list[_Sent] = []

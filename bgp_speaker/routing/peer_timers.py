@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -36,7 +37,22 @@ __all__ = ["PeerTimers"]
 
 log = logging.getLogger("l3fabric.agent.routing")
 
-HOLD_TICK = 0.1  # seconds between looks at the hold timers
+# Past a deadline by this much before looking: `HoldTimers.expired` wants silence of *more*
+# than the hold time, and a wake-up right on the deadline would find none and spin.
+HOLD_SLACK = 0.001
+
+
+class _HoldDeadlines(graceful.HoldTimers):
+    """The hold timers, and when the next one runs out (the watch sleeps until then instead
+    of looking every tick: an idle node wakes once per hold time, not ten times a second)."""
+
+    def next_expiry(self) -> float | None:
+        """The earliest monotonic time a running timer expires (None: none runs)."""
+        return min(
+            (self._heard[peer] + hold for peer, hold in self._hold.items()
+             if peer not in self._expired),
+            default=None,
+        )  # fmt: skip
 
 
 class PeerTimers:
@@ -52,7 +68,11 @@ class PeerTimers:
     ) -> None:
         self.rib = rib
         self.speaker = speaker
-        self.hold_timers = graceful.HoldTimers()
+        self.hold_timers = _HoldDeadlines()
+        # Set when a deadline may have moved earlier (a timer started): the watch looks again.
+        # Hearing from a peer only moves its deadline later: the watch finds that out when it
+        # wakes at the old one.
+        self._rearm = asyncio.Event()
         self._state = state
         self._kernel = kernel
         self._tasks = tasks
@@ -70,6 +90,7 @@ class PeerTimers:
                 spec = self._state.session_spec(peer)
                 hold = spec.hold_time if spec is not None else DEFAULT_HOLD
                 self.hold_timers.up(peer, hold, time.monotonic())
+                self._rearm.set()
             case PeerStateChanged(peer, SessionState.DOWN, _):
                 self.hold_timers.down(peer)
             case SpeakerRestarted():
@@ -84,6 +105,7 @@ class PeerTimers:
         if self.hold_timers.heard(peer, time.monotonic()):
             # We called it dead, ExaBGP kept the session: its routes are gone here, ask for
             # them again.
+            self._rearm.set()  # its timer runs again
             log.warning("peer alive after all, refreshing its routes",
                         extra={"op": "bgp", "peer": str(peer)})  # fmt: skip
             self._state.peer_state[peer] = (SessionState.UP, time.time(), "")
@@ -102,7 +124,11 @@ class PeerTimers:
         """Declare peers lost whose hold timer expired, until cancelled."""
         state = self._state
         while True:
-            await asyncio.sleep(HOLD_TICK)
+            self._rearm.clear()
+            due = self.hold_timers.next_expiry()
+            timeout = None if due is None else max(0.0, due - time.monotonic()) + HOLD_SLACK
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rearm.wait(), timeout)
             for peer in self.hold_timers.expired(time.monotonic()):
                 log.warning("hold timer expired", extra={"op": "bgp", "peer": str(peer)})
                 state.peer_state[peer] = (SessionState.DOWN, time.time(), graceful.HOLD_EXPIRED)
@@ -115,7 +141,11 @@ class PeerTimers:
 
     def session_lost(self, peer: IPAddr, reason: str) -> set[IPNet]:
         """A session is gone: drop its routes now (returned: the affected prefixes), or mark
-        them stale and start its restart timer."""
+        them stale and start its restart timer. A session BIRD has taken over keeps its
+        routes for as long as `reflection.TakenOver` says."""
+        reflector = self._state.desired.reflector if self._state.desired else None
+        if reflector is not None and peer in reflector.peers:
+            return set()
         spec = self._state.session_spec(peer)
         advertised = self._state.peer_restart.get(peer, graceful.UNKNOWN)
         restart = graceful.retention(spec, advertised, reason)

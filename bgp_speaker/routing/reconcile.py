@@ -72,10 +72,15 @@ class Reconciler:
         affected |= previous_blocks | desired.exports.blocks
         affected |= await self._kernel.reconcile_overlay(desired.encap)
         await self._kernel.program(affected)
-        # ExaBGP first: a node becoming a reflector restarts it without its listening socket,
-        # which BIRD takes (its loopback session waits for BIRD meanwhile).
-        await self.speaker.set_sessions(configured, handed_over=self.taken_over.sessions.keys())
+        # BIRD first, in the background: it need not wait for ExaBGP to (re)start. Where ExaBGP
+        # still holds the listening socket BIRD needs (a node becoming a reflector), BIRD
+        # retries those sessions once ExaBGP has let go (`BirdReflector._rebind`).
         self.reflector.apply(desired.reflector)
+        await self.speaker.set_sessions(
+            configured,
+            handed_over=self.taken_over.sessions.keys(),
+            listen=desired.reflector is None,
+        )
 
     def plan_sessions(self, desired: DesiredState) -> tuple[SessionSpec, ...]:
         """Desired sessions minus those cut off for too many prefixes, plus those retiring
@@ -119,7 +124,9 @@ class Reconciler:
                     affected = self.rib.set_sessions(self.rib_sessions(configured))
                     await self._kernel.program(affected)
                     await self.speaker.set_sessions(
-                        configured, handed_over=self.taken_over.sessions.keys()
+                        configured,
+                        handed_over=self.taken_over.sessions.keys(),
+                        listen=state.desired.reflector is None,
                     )
         finally:
             self._handover_ticking = False

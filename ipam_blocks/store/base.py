@@ -7,6 +7,19 @@ Optimistic concurrency: every stored object carries an opaque `revision`.
 - `delete` with a revision deletes only at that revision, else `Conflict`; `NotFound` if gone.
 - `list` returns the items and the store revision they were read at; `watch(kind, since)`
   yields every change after that revision, so list-then-watch misses nothing.
+- `list(..., limit=n)` returns at most n items and a `continue_token` while more remain;
+  `list(..., continue_token=t)` returns the next page. Every page of one list is read at the
+  first page's revision (`Listing.revision` is the same on each). A token whose revision the
+  store has compacted away raises `WatchExpired`: list again from the start.
+- `watch(..., selector=s)` yields only changes of objects `s` selects, as the Kubernetes API
+  server does: an object that starts matching arrives as ADDED, one that stops matching as
+  DELETED (its last matching state), and nothing more is sent about it after that.
+- `watch(..., bookmarks=True)` also yields BOOKMARK events carrying only a revision (the
+  resource has an empty name): everything of the kind up to it has been seen, so a watch
+  resumed from it misses nothing. Every backend sends one at least when a watch ends quietly,
+  so a resumed watch starts from a recent revision even after a long quiet period.
+- A watch (or continue token) from a revision older than the store keeps raises
+  `WatchExpired` (the API server's 410 Gone): list again, watch from the new revision.
 - A backend that cannot be reached raises `StoreUnavailable`.
 
 Beyond the stored kinds a backend answers what differs between embedded mode and a cluster, so
@@ -22,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ipam_blocks.errors import InvalidInput
 from ipam_blocks.lease import LeaseClient
 from ipam_blocks.liveness import OwnerLiveness
 from ipam_blocks.selector import EVERYTHING, LabelSelector
@@ -62,18 +76,31 @@ class Resource:
 class Listing:
     items: list[Resource]
     revision: str
+    continue_token: str | None = None
+    """Set while more items remain: pass it to `list` for the next page."""
 
 
 class EventType(StrEnum):
     ADDED = "ADDED"
     MODIFIED = "MODIFIED"
     DELETED = "DELETED"
+    BOOKMARK = "BOOKMARK"  # progress only: `resource` carries nothing but the revision
 
 
 @dataclass(frozen=True)
 class WatchEvent:
     type: EventType
     resource: Resource
+
+    @staticmethod
+    def bookmark(kind: str, revision: str) -> WatchEvent:
+        return WatchEvent(EventType.BOOKMARK, Resource(kind, "", revision=revision))
+
+
+def check_limit(limit: int | None) -> None:
+    """A page size is a positive number of items."""
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise InvalidInput("limit", f"a page holds at least 1 item, got {limit!r}")
 
 
 class SecretReader(Protocol):
@@ -87,7 +114,17 @@ class Store(Protocol):
 
     def get(self, kind: str, name: str) -> Resource: ...
 
-    def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing: ...
+    def list(
+        self,
+        kind: str,
+        selector: LabelSelector = EVERYTHING,
+        *,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> Listing:
+        """Objects of `kind` that `selector` selects, by name; a page of at most `limit` when
+        set, the page after `continue_token` when given (same kind and selector)."""
+        ...
 
     def create(self, obj: Resource) -> Resource: ...
 
@@ -95,8 +132,17 @@ class Store(Protocol):
 
     def delete(self, kind: str, name: str, revision: str | None = None) -> None: ...
 
-    def watch(self, kind: str, since: str, timeout: float) -> Iterator[WatchEvent]:
-        """Changes of `kind` after revision `since`, until `timeout` seconds pass quietly."""
+    def watch(
+        self,
+        kind: str,
+        since: str,
+        timeout: float,
+        *,
+        selector: LabelSelector = EVERYTHING,
+        bookmarks: bool = False,
+    ) -> Iterator[WatchEvent]:
+        """Changes of `kind` after revision `since` that `selector` selects, until `timeout`
+        seconds pass without one; BOOKMARK events too when `bookmarks` is set."""
         ...
 
     def close(self) -> None: ...

@@ -1,21 +1,29 @@
 """The embedded store: one SQLite file, WAL mode, safe across processes.
 
 Revisions come from one global counter bumped by every write; each write also appends to a
-change log that `watch` reads. Writers take an advisory file lock before their transaction:
-waiting on `flock` wakes the moment the holder is done, whereas SQLite's own busy handler
-sleeps in growing steps and collapses throughput under contention (8 allocators).
+change log that `watch` reads. A change records the object's state before it too
+(`prev_revision`, `prev_body`): a selector-scoped watch needs it to see an object leave the
+selector, and a paginated list rebuilds the state at its first page's revision from it.
+Watchers sleep until a commit (`sqlite_commits.CommitNotifier`) instead of polling the log.
+
+Writers take an advisory file lock before their transaction: waiting on `flock` wakes the
+moment the holder is done, whereas SQLite's own busy handler sleeps in growing steps and
+collapses throughput under contention (8 allocators).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import fcntl
+import heapq
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +36,15 @@ from ipam_blocks.errors import (
     WatchExpired,
 )
 from ipam_blocks.selector import EVERYTHING, LabelSelector
-from ipam_blocks.store.base import ALL_KINDS, EventType, Listing, Resource, WatchEvent
+from ipam_blocks.store.base import (
+    ALL_KINDS,
+    EventType,
+    Listing,
+    Resource,
+    WatchEvent,
+    check_limit,
+)
+from ipam_blocks.store.sqlite_commits import CommitNotifier
 from ipam_blocks.store.workloads import WorkloadRecordLiveness
 
 _SCHEMA = """
@@ -37,7 +53,7 @@ CREATE TABLE IF NOT EXISTS objects (
     PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
-    type TEXT NOT NULL, body TEXT NOT NULL);
+    type TEXT NOT NULL, body TEXT NOT NULL, prev_revision INTEGER, prev_body TEXT);
 CREATE TABLE IF NOT EXISTS counter (
     id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL);
 INSERT OR IGNORE INTO counter VALUES (0, 0);
@@ -45,7 +61,6 @@ CREATE TABLE IF NOT EXISTS compacted (
     id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL);
 INSERT OR IGNORE INTO compacted VALUES (0, 0);
 """
-_WATCH_POLL_SECONDS = 0.05
 CHANGES_KEPT = 100_000
 COMPACT_EVERY = 1_000
 
@@ -102,6 +117,89 @@ def _decode(kind: str, name: str, revision: int, body: str) -> Resource:
     return Resource(kind, name, data["spec"], data["labels"], data["annotations"], str(revision))
 
 
+def _labels(body: str) -> dict[str, str]:
+    labels: dict[str, str] = json.loads(body)["labels"]
+    return labels
+
+
+def _continue_token(kind: str, revision: int, after: str) -> str:
+    text = json.dumps({"kind": kind, "revision": revision, "after": after})
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _parse_continue_token(kind: str, token: str) -> tuple[int, str]:
+    """-> (revision of the first page, last name returned so far)."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        revision, after = int(data["revision"]), str(data["after"])
+        token_kind = data["kind"]
+    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        raise InvalidInput("continue_token", "not a continue token of this store") from None
+    if token_kind != kind:
+        raise InvalidInput("continue_token", f"a token of a {token_kind} list, not of {kind}")
+    return revision, after
+
+
+def _check_not_compacted(db: sqlite3.Connection, revision: int, what: str) -> None:
+    compacted = db.execute("SELECT revision FROM compacted").fetchone()[0]
+    if revision < compacted:
+        raise WatchExpired(
+            f"{what} from revision {revision} expired: the change log keeps revisions after "
+            f"{compacted}; list again"
+        )
+
+
+def _rows_at(
+    db: sqlite3.Connection, kind: str, revision: int, after: str
+) -> Iterator[tuple[str, int, str]]:
+    """(name, revision, body) of every `kind` object named after `after`, by name, as they
+    were at store revision `revision` (which must not be compacted).
+
+    An object untouched since then is as stored now; for one changed since, its first change
+    after `revision` tells its state at `revision`: absent if that change added it, else the
+    state the change recorded as previous.
+    """
+    first_change: dict[str, tuple[str, int | None, str | None, str]] = {}
+    for name, type_, prev_revision, prev_body, body in db.execute(
+        "SELECT name, type, prev_revision, prev_body, body FROM changes "
+        "WHERE kind=? AND revision>? AND name>? ORDER BY revision",
+        (kind, revision, after),
+    ):
+        first_change.setdefault(name, (type_, prev_revision, prev_body, body))
+    then: list[tuple[str, int, str]] = []
+    for name, (type_, prev_revision, prev_body, body) in first_change.items():
+        if type_ == EventType.ADDED.value:
+            continue
+        # A deletion records the object's last state as its body.
+        state = body if type_ == EventType.DELETED.value else prev_body
+        # Only history from before the migration lacks them, and it counts as compacted.
+        assert prev_revision is not None and state is not None
+        then.append((name, prev_revision, state))
+    untouched = (
+        row
+        for row in db.execute(
+            "SELECT name, revision, body FROM objects WHERE kind=? AND name>? ORDER BY name",
+            (kind, after),
+        )
+        if row[0] not in first_change
+    )
+    yield from heapq.merge(untouched, sorted(then))
+
+
+def _page(
+    rows: Iterable[tuple[str, int, str]], kind: str, selector: LabelSelector, limit: int | None
+) -> tuple[list[Resource], bool]:
+    """The first `limit` selected objects of `rows`, and whether more remain."""
+    items: list[Resource] = []
+    for name, revision, body in rows:
+        if not selector.is_empty and not selector.matches(_labels(body)):
+            continue
+        if limit is not None and len(items) == limit:
+            return items, True
+        items.append(_decode(kind, name, revision, body))
+    return items, False
+
+
 class SqliteStore:
     # Embedded mode has no Pod API: the agent's Workload records, kept here, are the owners.
     holds_workloads = True
@@ -116,20 +214,37 @@ class SqliteStore:
             raise StoreUnavailable(f"sqlite store {self.path}: {e.strerror}") from e
         self._local = threading.local()
         self._thread_lock = threading.Lock()
+        self._commits = CommitNotifier(str(self.path), self._connect)
         with self._write() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            self._migrate(db)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """A store written before changes recorded the previous state gets the columns; the
+        history it has cannot rebuild old states, so it counts as compacted (watches from
+        before it list again, once)."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(changes)")}
+        if "prev_body" in columns:
+            return
+        db.execute("ALTER TABLE changes ADD COLUMN prev_revision INTEGER")
+        db.execute("ALTER TABLE changes ADD COLUMN prev_body TEXT")
+        db.execute("UPDATE compacted SET revision = (SELECT revision FROM counter)")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+        return db
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.Error as e:
-                raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
-            self._local.db = db
+            db = self._local.db = self._connect()
         return db
 
     @contextmanager
@@ -158,6 +273,7 @@ class SqliteStore:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._thread_lock.release()
+        self._commits.committed()
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> int:
@@ -187,19 +303,34 @@ class SqliteStore:
             raise NotFound(kind, name)
         return _decode(kind, name, row[0], row[1])
 
-    def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing:
+    def list(
+        self,
+        kind: str,
+        selector: LabelSelector = EVERYTHING,
+        *,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> Listing:
         self._check_kind(kind)
+        check_limit(limit)
         with self._read() as db:
-            db.execute("BEGIN")
+            db.execute("BEGIN")  # one snapshot: the objects and the revision they are at
             try:
-                rows = db.execute(
-                    "SELECT name, revision, body FROM objects WHERE kind=? ORDER BY name", (kind,)
-                ).fetchall()
-                revision = db.execute("SELECT revision FROM counter").fetchone()[0]
+                if continue_token is None:
+                    revision = db.execute("SELECT revision FROM counter").fetchone()[0]
+                    rows: Iterable[tuple[str, int, str]] = db.execute(
+                        "SELECT name, revision, body FROM objects WHERE kind=? ORDER BY name",
+                        (kind,),
+                    )
+                else:
+                    revision, after = _parse_continue_token(kind, continue_token)
+                    _check_not_compacted(db, revision, f"the continued list of {kind}")
+                    rows = _rows_at(db, kind, revision, after)
+                items, more = _page(rows, kind, selector, limit)
             finally:
                 db.execute("COMMIT")
-        items = [_decode(kind, n, r, b) for n, r, b in rows]
-        return Listing([o for o in items if selector.matches(o.labels)], str(revision))
+        token = _continue_token(kind, revision, items[-1].name) if more else None
+        return Listing(items, str(revision), token)
 
     def create(self, obj: Resource) -> Resource:
         self._check_kind(obj.kind)
@@ -212,7 +343,7 @@ class SqliteStore:
             revision = self._bump(db)
             db.execute("INSERT INTO objects VALUES (?,?,?,?)", (obj.kind, obj.name, revision, body))
             db.execute(
-                "INSERT INTO changes VALUES (?,?,?,?,?)",
+                "INSERT INTO changes VALUES (?,?,?,?,?,NULL,NULL)",
                 (revision, obj.kind, obj.name, EventType.ADDED.value, body),
             )
         return _decode(obj.kind, obj.name, revision, body)
@@ -224,7 +355,7 @@ class SqliteStore:
         body = _encode(obj)
         with self._write() as db:
             row = db.execute(
-                "SELECT revision FROM objects WHERE kind=? AND name=?", (obj.kind, obj.name)
+                "SELECT revision, body FROM objects WHERE kind=? AND name=?", (obj.kind, obj.name)
             ).fetchone()
             if row is None:
                 raise NotFound(obj.kind, obj.name)
@@ -236,8 +367,8 @@ class SqliteStore:
                 (revision, body, obj.kind, obj.name),
             )
             db.execute(
-                "INSERT INTO changes VALUES (?,?,?,?,?)",
-                (revision, obj.kind, obj.name, EventType.MODIFIED.value, body),
+                "INSERT INTO changes VALUES (?,?,?,?,?,?,?)",
+                (revision, obj.kind, obj.name, EventType.MODIFIED.value, body, row[0], row[1]),
             )
         return _decode(obj.kind, obj.name, revision, body)
 
@@ -253,34 +384,52 @@ class SqliteStore:
                 raise Conflict(kind, name)
             new_revision = self._bump(db)
             db.execute("DELETE FROM objects WHERE kind=? AND name=?", (kind, name))
+            # The body of a deletion is the object's last state; prev_body would repeat it.
             db.execute(
-                "INSERT INTO changes VALUES (?,?,?,?,?)",
-                (new_revision, kind, name, EventType.DELETED.value, row[1]),
+                "INSERT INTO changes VALUES (?,?,?,?,?,?,NULL)",
+                (new_revision, kind, name, EventType.DELETED.value, row[1], row[0]),
             )
 
-    def watch(self, kind: str, since: str, timeout: float) -> Iterator[WatchEvent]:
+    def watch(
+        self,
+        kind: str,
+        since: str,
+        timeout: float,
+        *,
+        selector: LabelSelector = EVERYTHING,
+        bookmarks: bool = False,
+    ) -> Iterator[WatchEvent]:
+        """Reads the change log after each commit (any process's); sleeps in between."""
         self._check_kind(kind)
         last = int(since)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._read() as db:
-                compacted = db.execute("SELECT revision FROM compacted").fetchone()[0]
-                if last < compacted:
-                    raise WatchExpired(
-                        f"watch of {kind} from revision {last} expired: the change log "
-                        f"keeps revisions after {compacted}; list again"
-                    )
-                rows = db.execute(
-                    "SELECT revision, name, type, body FROM changes WHERE kind=? AND revision>? "
-                    "ORDER BY revision",
-                    (kind, last),
-                ).fetchall()
-            for revision, name, type_, body in rows:
-                last = revision
-                deadline = time.monotonic() + timeout
-                yield WatchEvent(EventType(type_), _decode(kind, name, revision, body))
-            if not rows:
-                time.sleep(_WATCH_POLL_SECONDS)
+        with self._commits.watching():
+            while (remaining := deadline - time.monotonic()) > 0:
+                generation = self._commits.generation
+                with self._read() as db:
+                    db.execute("BEGIN")
+                    try:
+                        _check_not_compacted(db, last, f"watch of {kind}")
+                        rows = db.execute(
+                            "SELECT revision, name, type, body, prev_body FROM changes "
+                            "WHERE kind=? AND revision>? ORDER BY revision",
+                            (kind, last),
+                        ).fetchall()
+                        # Every change up to here has been looked at, this kind's or not.
+                        seen = db.execute("SELECT revision FROM counter").fetchone()[0]
+                    finally:
+                        db.execute("COMMIT")
+                for revision, name, type_, body, prev_body in rows:
+                    last = revision
+                    event = _selected(kind, selector, revision, name, type_, body, prev_body)
+                    if event is not None:
+                        deadline = time.monotonic() + timeout
+                        yield event
+                last = max(last, seen)
+                if not rows:
+                    self._commits.wait_after(generation, remaining)
+        if bookmarks:
+            yield WatchEvent.bookmark(kind, str(last))
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -301,3 +450,33 @@ class SqliteStore:
 
     def lease(self, namespace: str, name: str) -> None:
         return None
+
+
+def _selected(
+    kind: str,
+    selector: LabelSelector,
+    revision: int,
+    name: str,
+    type_: str,
+    body: str,
+    prev_body: str | None,
+) -> WatchEvent | None:
+    """The change as a watcher scoped by `selector` sees it, as the API server's watch cache
+    shows it: an object entering the selector is ADDED, one leaving it is DELETED in its last
+    matching state (at the change's revision), others' changes are not shown."""
+    event = EventType(type_)
+    if selector.is_empty:
+        return WatchEvent(event, _decode(kind, name, revision, body))
+    now = event is not EventType.DELETED and selector.matches(_labels(body))
+    if event is EventType.DELETED:
+        before = selector.matches(_labels(body))
+    else:
+        before = prev_body is not None and selector.matches(_labels(prev_body))
+    if now:
+        shown = EventType.MODIFIED if before else EventType.ADDED
+        return WatchEvent(shown, _decode(kind, name, revision, body))
+    if before:
+        last_state = body if event is EventType.DELETED else prev_body
+        assert last_state is not None  # `before` was read from it
+        return WatchEvent(EventType.DELETED, _decode(kind, name, revision, last_state))
+    return None

@@ -21,7 +21,6 @@ import pytest
 from bgp_speaker.bgp.routes import PeerType, SessionSpec
 from bgp_speaker.exabgp.config import (
     NODE_SPEED,
-    REFLECTOR_SPEED,
     api_block_name,
     render_config,
     render_env,
@@ -93,9 +92,8 @@ def test_rendering_is_deterministic() -> None:
     assert list(render_env([ip_address("10.0.0.1")])) == sorted(render_env([]))
 
 
-def test_only_a_reflector_runs_the_fast_reactor() -> None:
-    assert render_env([])["exabgp.reactor.speed"] == NODE_SPEED == "0.5"
-    assert render_env([], reflector=True)["exabgp.reactor.speed"] == REFLECTOR_SPEED == "0.1"
+def test_every_node_runs_the_measured_reactor_speed() -> None:
+    assert render_env([])["exabgp.reactor.speed"] == NODE_SPEED == "20"
 
 
 def test_env_outbound_only_and_custom_port() -> None:

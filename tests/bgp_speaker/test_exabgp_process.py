@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 
@@ -33,14 +32,12 @@ from bgp_speaker.bgp.routes import (
     EndOfRib,
     PathAttributes,
     PeerStateChanged,
-    PeerType,
     RoutesAnnounced,
     RoutesWithdrawn,
     SessionState,
     SpeakerRestarted,
 )
 from bgp_speaker.exabgp.codec import MalformedMessage, parse_line
-from bgp_speaker.exabgp.config import NODE_SPEED, REFLECTOR_SPEED
 from bgp_speaker.exabgp.process import CommandFailed, ConfigRejected, ExaBGPSpeaker
 from tests.bgp_speaker.conftest import (
     GOLDEN,
@@ -172,24 +169,6 @@ def _reactor_speed(pid: int | None) -> str:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     [speed] = [v for v in environ if v.startswith(b"exabgp.reactor.speed=")]
     return speed.split(b"=", 1)[1].decode()
-
-
-def test_becoming_a_reflector_restarts_exabgp_with_the_fast_reactor(
-    exabgp_lab: ExaBGPLab, mesh: dict[str, Node]
-) -> None:
-    a, b, c = mesh["a"], mesh["b"], mesh["c"]
-    to_b = mesh_session("10.0.0.1", "10.0.0.2", passive=False, password=PASSWORD)
-    to_c = mesh_session("10.0.0.1", "10.0.0.3", passive=False)
-    client_c = replace(to_c, peer_type=PeerType.RR_CLIENT, rr_client=True)
-    assert _reactor_speed(a.speaker.pid) == NODE_SPEED
-    for sessions, speed in (([to_b, client_c], REFLECTOR_SPEED), ([to_b, to_c], NODE_SPEED)):
-        before, marks = a.speaker.pid, {name: node.log.mark() for name, node in mesh.items()}
-        assert exabgp_lab.run(a.speaker.set_sessions(sessions)) is True
-        assert a.speaker.pid not in (None, before)  # only a new process takes a new env
-        assert _reactor_speed(a.speaker.pid) == speed
-        for peer in (b, c):  # both sessions back, A's exports replayed to the new process
-            exabgp_lab.run(peer.log.wait(up(A_IP), since=marks[peer.name]))
-            exabgp_lab.run(peer.log.wait(announced(A_IP, BLOCKS[2]), since=marks[peer.name]))
 
 
 def test_invalid_config_is_refused_and_the_daemon_untouched(

@@ -85,7 +85,11 @@ class MeshSpeaker:
                                PathAttributes(self.address))  # fmt: skip
 
     async def set_sessions(
-        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+        self,
+        sessions: Sequence[SessionSpec],
+        *,
+        handed_over: Collection[IPAddr] = (),
+        listen: bool = True,
     ) -> bool:
         self.sessions = tuple(sessions)
         self.peers = {s.peer_ip for s in sessions}

@@ -53,7 +53,11 @@ class FakeSpeaker:
         self.calls: list[tuple[Any, ...]] = []
 
     async def set_sessions(
-        self, sessions: Sequence[SessionSpec], *, handed_over: Collection[IPAddr] = ()
+        self,
+        sessions: Sequence[SessionSpec],
+        *,
+        handed_over: Collection[IPAddr] = (),
+        listen: bool = True,
     ) -> bool:
         self.sessions = tuple(sessions)
         self.calls.append(("sessions", tuple(str(s.peer_ip) for s in sessions)))

@@ -90,13 +90,20 @@ class KubeApi:
 
     @contextmanager
     def translate(
-        self, kind: str, name: str, *, creating: bool = False, watching: str | None = None
+        self,
+        kind: str,
+        name: str,
+        *,
+        creating: bool = False,
+        watching: str | None = None,
+        continuing: bool = False,
     ) -> Iterator[None]:
-        """The one place where client and HTTP failures become store errors."""
+        """The one place where client and HTTP failures become store errors. `watching`: the
+        revision a watch started from; `continuing`: the request continues a paged list."""
         try:
             yield
         except ApiException as e:
-            raise _store_error(e, kind, name, self.where, creating, watching) from e
+            raise _store_error(e, kind, name, self.where, creating, watching, continuing) from e
         except urllib3.exceptions.HTTPError as e:
             raise self.unreachable(e) from e
 
@@ -116,7 +123,13 @@ def _status(e: ApiException) -> dict[str, Any]:
 
 
 def _store_error(
-    e: ApiException, kind: str, name: str, where: str, creating: bool, watching: str | None
+    e: ApiException,
+    kind: str,
+    name: str,
+    where: str,
+    creating: bool,
+    watching: str | None,
+    continuing: bool = False,
 ) -> StoreError | InvalidInput:
     status = _status(e)
     code = e.status or status.get("code") or 0
@@ -137,6 +150,8 @@ def _store_error(
         return Conflict(kind, name)
     if code == 410 and watching is not None:
         return WatchExpired(f"watch of {kind} from revision {watching} expired: {message}")
+    if code == 410 and continuing:
+        return WatchExpired(f"the continued list of {kind} expired: {message}; list again")
     if code in (400, 422):
         causes = details.get("causes") or []
         field = next((c["field"] for c in causes if c.get("field")), "") or "request"

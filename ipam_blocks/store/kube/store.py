@@ -11,7 +11,8 @@ which also translates every API error.
 
 A watch whose start revision the server has already compacted away (410 Gone) raises
 `WatchExpired`, a `StoreUnavailable`: a caller's usual reaction to an unavailable store
-(back off, list again, watch from the new revision) is exactly the recovery it needs.
+(back off, list again, watch from the new revision) is exactly the recovery it needs. So does
+a list continue token the server no longer honours (410 Expired).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from kubernetes import client, watch
 
 from ipam_blocks.errors import BeingDeleted, Conflict, InvalidInput
 from ipam_blocks.selector import EVERYTHING, LabelSelector
-from ipam_blocks.store.base import CRD_PLURALS, EventType, Listing, Resource, WatchEvent
+from ipam_blocks.store.base import (
+    CRD_PLURALS,
+    EventType,
+    Listing,
+    Resource,
+    WatchEvent,
+    check_limit,
+)
 from ipam_blocks.store.kube.api import API_VERSION, CONNECT_TIMEOUT, GROUP, VERSION, KubeApi
 from ipam_blocks.store.kube.leases import KubeLeaseClient
 from ipam_blocks.store.kube.pods import KubePodLiveness
@@ -40,6 +48,8 @@ NODE_SPEC_ANNOTATIONS: Mapping[str, tuple[str, type]] = {
     "asNumber": ("l3fabric.io/as-number", int),
     "routeReflectorClusterID": ("l3fabric.io/route-reflector-cluster-id", str),
 }
+# How long after its timeoutSeconds the client waits for the server to end a watch itself.
+_SERVER_END_GRACE = 1.0
 _SPEC_BY_ANNOTATION = {key: (name, kind) for name, (key, kind) in NODE_SPEC_ANNOTATIONS.items()}
 
 
@@ -84,12 +94,29 @@ class KubeStore:
             raw = self._kube.call(api.get, name)
         return self._decode(kind, raw)
 
-    def list(self, kind: str, selector: LabelSelector = EVERYTHING) -> Listing:
+    def list(
+        self,
+        kind: str,
+        selector: LabelSelector = EVERYTHING,
+        *,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> Listing:
+        """The server pages (`limit`, `continue`) and keeps the pages at one revision."""
         api = self._api(kind)
-        with self._kube.translate(kind, ""):
-            raw = self._kube.call(api.list, *api.list_args, label_selector=self._selector(selector))
+        check_limit(limit)
+        paging: dict[str, Any] = {}
+        if limit is not None:
+            paging["limit"] = limit
+        if continue_token is not None:
+            paging["_continue"] = continue_token
+        with self._kube.translate(kind, "", continuing=continue_token is not None):
+            raw = self._kube.call(
+                api.list, *api.list_args, label_selector=self._selector(selector), **paging
+            )
         items = sorted((self._decode(kind, o) for o in raw.get("items") or ()), key=_name)
-        return Listing(items, raw["metadata"]["resourceVersion"])
+        meta = raw["metadata"]
+        return Listing(items, meta["resourceVersion"], meta.get("continue") or None)
 
     def create(self, obj: Resource) -> Resource:
         api = self._api(obj.kind)
@@ -148,12 +175,25 @@ class KubeStore:
         with self._kube.translate(kind, name):
             self._kube.call(api.delete, name, body=options)
 
-    def watch(self, kind: str, since: str, timeout: float) -> Iterator[WatchEvent]:
-        """Every change after `since`; ends once `timeout` seconds pass without one.
+    def watch(
+        self,
+        kind: str,
+        since: str,
+        timeout: float,
+        *,
+        selector: LabelSelector = EVERYTHING,
+        bookmarks: bool = False,
+    ) -> Iterator[WatchEvent]:
+        """Every change after `since` that `selector` selects (the server filters, and turns
+        objects entering or leaving the selector into ADDED and DELETED); ends once `timeout`
+        seconds pass without one.
 
-        The server bounds each watch request (timeoutSeconds); the client's read timeout is
-        what notices a quiet stream. Either way the watch resumes from the last revision seen
-        until the quiet period is over.
+        Each watch request asks the server to end it when the quiet period is over
+        (timeoutSeconds, whole seconds); the server then sends a bookmark, which moves the
+        revision to resume from past changes the watch did not show. The client's read timeout,
+        a little later, notices a server that does not end it. Either way the watch resumes
+        from the last revision seen until the quiet period is over. With `bookmarks` the
+        server's bookmarks are passed on, and the quiet end yields one with the last revision.
         """
         api = self._api(kind)
         last = since
@@ -162,11 +202,11 @@ class KubeStore:
             stream = watch.Watch(return_type="object").stream(
                 api.list,
                 *api.list_args,
-                label_selector=self._selector(EVERYTHING),
+                label_selector=self._selector(selector),
                 resource_version=last,
                 timeout_seconds=max(1, math.ceil(remaining)),
                 allow_watch_bookmarks=True,
-                _request_timeout=(CONNECT_TIMEOUT, max(remaining, 0.05)),
+                _request_timeout=(CONNECT_TIMEOUT, math.ceil(remaining) + _SERVER_END_GRACE),
             )
             with closing(stream):
                 while True:
@@ -183,12 +223,13 @@ class KubeStore:
                             break  # no response headers within the quiet period
                     raw, type_ = event["raw_object"], event["type"]
                     revision = (raw.get("metadata") or {}).get("resourceVersion") or last
-                    if type_ == "BOOKMARK":
-                        last = revision  # progress without a change: resume from here
-                        continue
                     last = revision
+                    if type_ == "BOOKMARK":
+                        continue  # progress without a change: resume from here
                     deadline = time.monotonic() + timeout
                     yield WatchEvent(EventType(type_), self._decode(kind, raw))
+        if bookmarks:
+            yield WatchEvent.bookmark(kind, last)
 
     def close(self) -> None:
         self._kube.close()
