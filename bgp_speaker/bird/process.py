@@ -58,6 +58,9 @@ class BirdReflector:
         self.pid_path = self.workdir / "bird.pid"
         self.netns_path = None if netns is None else netns_path(netns)
         self._bird = shutil.which(bird) or bird
+        # A configuration left by an earlier agent: its BIRD ran, and clients may hold its
+        # routes by graceful restart.
+        self._ran_before = self.config_path.exists()
         self._wanted: ReflectorDesired | None = None
         self._running_text: str | None = None
         self._wake = asyncio.Event()
@@ -216,7 +219,8 @@ class BirdReflector:
         while self._wanted is not None:
             started = time.monotonic()
             try:
-                code = await self._run_once()
+                code = await self._run_once(recover=self._ran_before)
+                self._ran_before = True
             except OSError as err:
                 code = None
                 log.error("cannot start BIRD", extra={"op": "bird", "reason": str(err)})
@@ -231,15 +235,17 @@ class BirdReflector:
             log.error("BIRD died", extra={"op": "bird", "code": code, "restart_in": delay})
             await asyncio.sleep(delay)  # then the loop starts it again, from the last good file
 
-    async def _run_once(self) -> int:
+    async def _run_once(self, *, recover: bool) -> int:
+        """Run BIRD until it exits. ``recover``: a BIRD ran for this node before (it died, or
+        the agent restarted): graceful restart recovery (-R), so BIRD sends nothing until its
+        peers have sent their End-of-RIBs (or `graceful restart wait` passed). Its peers kept
+        our routes by graceful restart while it was away; without -R it would answer their
+        return with a partial table and its End-of-RIB, and they would drop the rest. A
+        first start has nothing to recover and would only wait (20 s at 1000 clients)."""
         argv = tethered(
             os.getpid(), self.netns_path,
-            # -R, graceful restart recovery: BIRD sends nothing until its peers have sent their
-            # End-of-RIBs (or `graceful restart wait` passed). Its peers keep our routes by
-            # graceful restart while it is away; without -R it would answer their return with
-            # a partial table and its End-of-RIB, and they would drop the rest.
-            [self._bird, "-f", "-R", "-c", str(self.config_path), "-s",
-             str(self.socket_path), "-P", str(self.pid_path)],
+            [self._bird, "-f", *(["-R"] if recover else []), "-c", str(self.config_path),
+             "-s", str(self.socket_path), "-P", str(self.pid_path)],
         )  # fmt: skip
         # Forked from the event loop's thread: the parent-death signal follows that thread.
         proc = subprocess.Popen(
