@@ -38,6 +38,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/l3fabric")
 DEFAULT_MTU = 1500
 # The metrics name BGP peers and pod counts without authentication: loopback unless told.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+LIST_JITTER = 5.0  # 1000 agents starting together: ~200 first lists a second per kind
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class AgentSettings:
     """Prometheus metrics port; 0 serves none."""
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     """Address the metrics endpoint listens on."""
+    list_jitter: float | None = None
+    """Seconds over which routing's first lists of the store are spread at random, so that
+    agents starting together (a cluster boot, a rollout) do not list together; None:
+    LIST_JITTER with the Kubernetes store, 0 with the embedded one (nobody to herd)."""
 
     def __post_init__(self) -> None:
         check_object_name(self.node, "node")
@@ -72,6 +77,14 @@ class AgentSettings:
             raise InvalidInput("mtu", f"{self.mtu} is outside 68..65535")
         if not 1 <= self.workers <= 256:
             raise InvalidInput("workers", f"{self.workers} is outside 1..256")
+        if self.list_jitter is not None and not 0 <= self.list_jitter <= 600:
+            raise InvalidInput("list_jitter", f"{self.list_jitter} is outside 0..600 seconds")
+
+    @property
+    def first_list_jitter(self) -> float:
+        if self.list_jitter is not None:
+            return self.list_jitter
+        return 0.0 if self.store_url.startswith("sqlite:") else LIST_JITTER
 
 
 # The agent keeps several objects per learned route. With Python's default young-generation

@@ -7,7 +7,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 
@@ -53,6 +57,16 @@ class AgentCollector(Collector):
         yield restarts
         if status.get("reflector"):
             yield from _reflector_metrics(status["reflector"])
+        if status.get("caches"):
+            yield from _cache_metrics(status["caches"])
+        if status.get("reconcile_seconds"):
+            durations = status["reconcile_seconds"]
+            reconcile = HistogramMetricFamily(
+                "l3fabric_routing_reconcile_seconds",
+                "Time to compute the desired state from the caches and level routing to it",
+            )
+            reconcile.add_metric([], durations["buckets"], durations["sum"])
+            yield reconcile
         allocations = GaugeMetricFamily(
             "l3fabric_ipam_allocations", "Pod addresses allocated on this node"
         )
@@ -71,6 +85,32 @@ def _reflector_metrics(reflector: dict[str, Any]) -> Iterator[Any]:
     reloads = CounterMetricFamily("l3fabric_bird_reloads", "BIRD configuration reloads")
     reloads.add_metric([], reflector["reloads"])
     yield reloads
+
+
+def _cache_metrics(caches: dict[str, dict[str, int]]) -> Iterator[Any]:
+    """Routing's caches of the store, per kind (`routing.caches.RoutingCaches.describe`)."""
+    families = (
+        (GaugeMetricFamily, "l3fabric_cache_objects", "Objects in routing's cache", "size"),
+        (CounterMetricFamily, "l3fabric_cache_relists", "Lists after the first", "relists"),
+        (
+            CounterMetricFamily,
+            "l3fabric_cache_watch_restarts",
+            "Watches resumed after one ended",
+            "watch_restarts",
+        ),
+        (CounterMetricFamily, "l3fabric_cache_events", "Changes the watches delivered", "events"),
+        (
+            CounterMetricFamily,
+            "l3fabric_cache_wakes",
+            "Changes that woke the reconcile loop (they changed what routing reads)",
+            "wakes",
+        ),
+    )
+    for family, name, doc, key in families:
+        metric = family(name, doc, labels=["kind"])
+        for kind, counts in sorted(caches.items()):
+            metric.add_metric([kind], counts[key])
+        yield metric
 
 
 def serve_metrics(port: int, address: str, collector: Collector) -> CollectorRegistry:

@@ -1,13 +1,13 @@
 """The peering half of the routing controller: which sessions ExaBGP gets, what each peer
 may teach us, what we reflect to whom, and the communities on our own routes.
 
-The controller (`routing.RoutingController`) reads the store and feeds events; this module
+The controller (`routing.RoutingController`) reads its caches and feeds events; this module
 holds the decisions that go beyond the node mesh:
 
-- `read_peering` (blocking, in the controller's store read): BGPPeers parsed once, their
-  passwords resolved (a peer whose password cannot be read waits, logged), the desired
-  sessions, the per-peer import policy (`policy.PeerPolicy`), the reflector settings and
-  the communities of every exported prefix.
+- `read_peering` (from the controller's caches): BGPPeers parsed, their passwords resolved
+  (a peer whose password cannot be read waits, logged), the desired sessions, the per-peer
+  import policy (`policy.PeerPolicy`), the reflector settings and the communities of every
+  exported prefix.
 - `Peering` (on the event loop): the sessions to configure now (`SessionHandover`:
   make-before-break; `PrefixLimits`: peers cut off for exceeding `maxPrefixes`), the peers'
   BGP identifiers from their OPENs, and the communities on our own routes.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from bgp_speaker.bgp.config import BgpConfig, BgpPeer, NextHopMode, PasswordRef, parse_bgp_peer
 from bgp_speaker.bgp.handover import SessionHandover
 from bgp_speaker.bgp.limits import PrefixLimits
-from bgp_speaker.bgp.passwords import PasswordUnavailable, resolve_password
+from bgp_speaker.bgp.passwords import PasswordUnavailable
 from bgp_speaker.bgp.policy import AcceptRule, PeerPolicy, export_communities, parse_accept_rules
 from bgp_speaker.bgp.rib import ImportPolicy, Rib
 from bgp_speaker.bgp.routes import (
@@ -44,7 +44,7 @@ from bgp_speaker.bgp.routes import (
 from bgp_speaker.bgp.sessions import desired_sessions, node_address
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.model import Node
-from ipam_blocks.store.base import Resource, Store
+from ipam_blocks.store.base import Resource
 
 __all__ = ["Peering", "PeeringDesired", "describe_routes", "peer_policy", "read_peering"]
 
@@ -68,15 +68,19 @@ class PeeringDesired:
     """Sessions whose password cannot be read (yet), with why: desired, not configured."""
 
 
+PasswordSource = Callable[[Resource, PasswordRef], str]
+"""The password a BGPPeer's reference names (raises `PasswordUnavailable`)."""
+
+
 def read_peering(
-    store: Store,
+    password: PasswordSource,
     me: Node,
     nodes: Sequence[Node],
     cfg: BgpConfig,
     peer_resources: Iterable[Resource],
 ) -> tuple[list[SessionSpec], PeeringDesired]:
-    """Desired sessions and the rest of the peering configuration (blocking: may read
-    Secrets and password files). Invalid BGPPeers are logged and left out."""
+    """Desired sessions and the rest of the peering configuration (`password` may block: it
+    may read a Secret or a file). Invalid BGPPeers are logged and left out."""
     peers: list[BgpPeer] = []
     passwords: dict[str, str] = {}
     missing: dict[str, str] = {}
@@ -90,7 +94,7 @@ def read_peering(
             continue
         if peer.password is not None:
             try:
-                passwords[peer.name] = resolve_password(peer.password, store, f"BGPPeer/{res.name}")
+                passwords[peer.name] = password(res, peer.password)
             except PasswordUnavailable as err:
                 log.error(
                     "BGPPeer waits for its password",

@@ -1,11 +1,11 @@
-"""The agent's routing half, composed: desired state from the store, the RIB, exports and
-the FIB, each kept by its own part (see `RoutingController`)."""
+"""The agent's routing half, composed: desired state from the caches of the store, the RIB,
+exports and the FIB, each kept by its own part (see `RoutingController`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,26 +18,28 @@ from bgp_speaker.bgp.speaker import RouteReflector, Speaker
 from bgp_speaker.kernel.fib import KernelFib
 from bgp_speaker.kernel.tcp_md5 import Md5Counters
 from bgp_speaker.overlay.dataplane import OverlayDataplane
-from bgp_speaker.routing.desired import DesiredState, read_desired
+from bgp_speaker.routing.caches import RoutingCaches
+from bgp_speaker.routing.desired import DesiredState, desired_state
+from bgp_speaker.routing.durations import Durations
 from bgp_speaker.routing.kernel_routes import KernelRoutes
 from bgp_speaker.routing.md5_watch import Md5Watch
 from bgp_speaker.routing.peer_timers import PeerTimers
 from bgp_speaker.routing.reconcile import Reconciler
 from bgp_speaker.routing.speaker_events import SpeakerEvents
 from bgp_speaker.routing.state import RoutingState
-from bgp_speaker.routing.store_watch import StoreWatcher
 from bgp_speaker.routing.tasks import BackgroundTasks
 from ipam_blocks.errors import L3FabricError
 from ipam_blocks.store.base import Store
 
-__all__ = ["WATCHED_KINDS", "PeerStatus", "RoutingController"]
+__all__ = ["PeerStatus", "RoutingController"]
 
 log = logging.getLogger("l3fabric.agent.routing")
 
-WATCHED_KINDS = ("Node", "BGPConfiguration", "BGPPeer", "IPPool", "IPAMBlock", "BlockAffinity")
 DEBOUNCE = 0.05
 FIB_BATCH = 5000
-RESYNC = 30.0  # seconds between level reconciles without a store change
+RESYNC = 30.0  # seconds between level reconciles without a change (from the caches)
+SYNC_POLL = 1.0  # seconds per wait for the caches' first lists
+BORROWED_RETRY = 0.2  # first wait before reading a borrowed block again (doubles to RESYNC)
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ class RoutingController:
 
     Data flows two ways:
 
-    - store -> desired state -> sessions, exports -> ExaBGP: `_reconcile_loop` wakes on any
-      store change (or every RESYNC seconds), reads the whole desired state
-      (`desired.read_desired`, in a worker thread) and has the `Reconciler` level the RIB's
+    - store -> informers (`caches.RoutingCaches`) -> desired state -> sessions, exports ->
+      ExaBGP: `_reconcile_loop` wakes when an event changed what routing reads (or every
+      RESYNC seconds), computes the desired state from the caches (`desired.desired_state`,
+      in a worker thread, no store request) and has the `Reconciler` level the RIB's
       sessions and policy, the speaker's sessions and exports, the overlay and the
       blackholes to it.
     - ExaBGP updates -> RIB -> FIB: `_event_loop` feeds the speaker's events through
@@ -89,11 +92,18 @@ class RoutingController:
         initial_sync_timeout: float | None = None,
         overlay: OverlayDataplane | None = None,
         md5_counters: Callable[[], Md5Counters] | None = None,
+        list_jitter: float = 0.0,
     ) -> None:
         """``md5_counters`` reads the kernel's TCP-MD5 counters of the speaker's namespace
-        (blocking); None: no session is ever reported refused by TCP-MD5."""
+        (blocking); None: no session is ever reported refused by TCP-MD5. ``list_jitter``:
+        the caches' first lists wait a random 0..that many seconds (agents starting together
+        spread their lists)."""
         self.node = node
         self.store = store
+        self.caches = RoutingCaches(store, node, start_jitter=list_jitter)
+        self.reconcile_durations = Durations()
+        self.last_sync: float | None = None
+        """Wall-clock time the last reconcile from fully synced caches finished."""
         self.speaker = speaker
         self.reflector = reflector
         self.rib = Rib()
@@ -114,16 +124,25 @@ class RoutingController:
 
     # --- desired state ------------------------------------------------------------------------
 
-    def read_desired(self) -> DesiredState | None:
-        """One consistent-enough read of everything routing depends on (blocking I/O)."""
-        return read_desired(self.store, self.node)
+    def desired_now(self, *, reread_borrowed: bool = False) -> DesiredState | None:
+        """The desired state from the caches as they are (blocking only for a password or a
+        borrowed block to read)."""
+        listings = self.caches.listings(reread_borrowed=reread_borrowed)
+        return desired_state(self.node, listings, self.caches.passwords.resolve)
 
-    async def reconcile_desired(self) -> None:
-        desired = await asyncio.to_thread(self.read_desired)
+    async def reconcile_desired(self, *, resync: bool = False) -> None:
+        """Level everything to the caches' desired state. ``resync`` (the periodic one) also
+        reads the borrowed blocks and the passwords again."""
+        started = time.perf_counter()
+        if resync:
+            self.caches.passwords.forget()
+        desired = await asyncio.to_thread(self.desired_now, reread_borrowed=resync)
         if desired is None:
             log.warning("node has no IPv4 address yet", extra={"op": "routing", "node": self.node})
             return
         await self.reconciler.apply(desired)
+        self.reconcile_durations.observe(time.perf_counter() - started)
+        self.last_sync = time.time()
 
     def pod_mtu(self) -> int | None:
         """The MTU pods get when their CNI config names none (None: not known yet)."""
@@ -150,22 +169,44 @@ class RoutingController:
 
     async def _reconcile_loop(self) -> None:
         changed = self.state.changed
+        # No desired state from half a cache. Waited for in short steps: a worker thread
+        # blocked for good would hold up the agent's exit while the store is unreachable.
+        while not await asyncio.to_thread(self.caches.wait_synced, SYNC_POLL):
+            pass
+        changed.set()
+        borrowed_retry = BORROWED_RETRY
         while True:
-            with contextlib.suppress(TimeoutError):  # level-based: look again now and then
+            resync = False
+            try:  # level-based: look again now and then (at the caches, not the server)
                 await asyncio.wait_for(changed.wait(), RESYNC)
+            except TimeoutError:
+                resync = True
             await asyncio.sleep(DEBOUNCE)
             changed.clear()
             try:
-                await self.reconcile_desired()
+                await self.reconcile_desired(resync=resync)
             except L3FabricError as err:
                 log.error("reconcile failed", extra={"op": "routing", "reason": str(err)})
                 await asyncio.sleep(1)
                 changed.set()
+                continue
+            if self.caches.borrowed.complete:
+                borrowed_retry = BORROWED_RETRY
+            else:  # a handle counted up before its block was written: read that block again
+                self.caches.borrow_again()
+                asyncio.get_running_loop().call_later(borrowed_retry, changed.set)
+                borrowed_retry = min(borrowed_retry * 2, RESYNC)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.kernel.adopt()
-        watcher = StoreWatcher(self.store, WATCHED_KINDS, self.state.changed)
-        watcher.start()
+        loop = asyncio.get_running_loop()
+        changed = self.state.changed
+
+        def wake() -> None:  # from an informer's thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(changed.set)
+
+        self.caches.start(wake)
         for coro in (
             self._event_loop(),
             self._reconcile_loop(),
@@ -177,7 +218,7 @@ class RoutingController:
         try:
             await stop.wait()
         finally:
-            watcher.stop()
+            self.caches.stop()
             await self.tasks.stop()
             await self.reflector.stop()
 
@@ -216,6 +257,9 @@ class RoutingController:
             "synced": self.kernel.synced.is_set(),
             "overlay": self.kernel.overlay_status(),
             "reflector": self.reflector.describe() if self.reflector.active else None,
+            "last_sync": self.last_sync,
+            "caches": self.caches.describe(),
+            "reconcile_seconds": self.reconcile_durations.to_dict(),
         }
 
     async def _reflector_peers(self, desired: ReflectorDesired) -> list[dict[str, Any]]:

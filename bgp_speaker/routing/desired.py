@@ -1,8 +1,9 @@
-"""The desired state of the node's routing, read from the store into one typed value.
+"""The desired state of the node's routing, computed from the listings of what it depends on.
 
-One read covers everything routing depends on: nodes, the BGP configuration, BGPPeers (their
-passwords resolved), pools, blocks and affinities. It is blocking I/O: the controller runs it
-in a worker thread.
+`desired_state` is a function of the `Listings` (nodes, the BGP configuration, BGPPeers,
+pools, this node's blocks and the blocks it borrowed from, its affinities) and of a password
+source (it may block on a Secret or a file: the controller runs it in a worker thread). The
+listings come from the agent's caches (`caches.RoutingCaches`), never from a store read.
 
 On a reflector node the sessions are split (`reflection.split_sessions`): the iBGP ones go to
 BIRD (`DesiredState.reflector`), ExaBGP keeps the rest plus its loopback session to BIRD.
@@ -10,12 +11,13 @@ BIRD (`DesiredState.reflector`), ExaBGP keeps the rest plus its loopback session
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface, ip_network
 
-from bgp_speaker.bgp.config import BGP_CONFIG_NAME, parse_bgp_config
+from bgp_speaker.bgp.config import BgpConfig
 from bgp_speaker.bgp.export import Exports, compute_exports
-from bgp_speaker.bgp.peering import PeeringDesired, peer_policy, read_peering
+from bgp_speaker.bgp.peering import PasswordSource, PeeringDesired, peer_policy, read_peering
 from bgp_speaker.bgp.reflection import (
     ReflectorDesired,
     node_speaker_session,
@@ -26,11 +28,24 @@ from bgp_speaker.bgp.rib import ImportPolicy
 from bgp_speaker.bgp.routes import SessionSpec
 from bgp_speaker.bgp.sessions import node_address
 from bgp_speaker.overlay.encap import EncapPolicy, VxlanSettings, encap_policy
-from ipam_blocks.errors import NotFound
-from ipam_blocks.model import parse_affinity, parse_block, parse_node, parse_pool
-from ipam_blocks.store.base import Store
+from ipam_blocks.model import Block, BlockAffinity, IPPool, Node
+from ipam_blocks.store.base import Resource
 
-__all__ = ["DesiredState", "read_desired"]
+__all__ = ["DesiredState", "Listings", "desired_state"]
+
+
+@dataclass(frozen=True)
+class Listings:
+    """Everything routing reads, parsed (BGPPeers as stored: `read_peering` parses them)."""
+
+    nodes: Sequence[Node] = ()
+    bgp_config: BgpConfig = field(default_factory=BgpConfig)
+    peers: Sequence[Resource] = ()
+    pools: Sequence[IPPool] = ()
+    blocks: Sequence[Block] = ()
+    """This node's blocks and the other nodes' blocks it holds addresses in."""
+    affinities: Sequence[BlockAffinity] = ()
+    """This node's (no other node's affinity changes our routing)."""
 
 
 @dataclass(frozen=True)
@@ -47,22 +62,16 @@ class DesiredState:
     """BIRD's part, when this node is a route reflector."""
 
 
-def read_desired(store: Store, node: str) -> DesiredState | None:
-    """One consistent-enough read of everything routing depends on (blocking I/O); None while
-    the node has no IPv4 address."""
-    nodes = [parse_node(r) for r in store.list("Node").items]
+def desired_state(node: str, listings: Listings, password: PasswordSource) -> DesiredState | None:
+    """The node's desired routing; None while the node has no IPv4 address."""
+    nodes = listings.nodes
     me = next((n for n in nodes if n.name == node), None)
     if me is None or node_address(me) is None:
         return None
-    try:
-        cfg = parse_bgp_config(store.get("BGPConfiguration", BGP_CONFIG_NAME))
-    except NotFound:
-        cfg = parse_bgp_config(None)
-    sessions, peering = read_peering(store, me, nodes, cfg, store.list("BGPPeer").items)
-    pools = [parse_pool(r) for r in store.list("IPPool").items]
-    blocks = [parse_block(r) for r in store.list("IPAMBlock").items]
-    affinities = [parse_affinity(r) for r in store.list("BlockAffinity").items]
-    exports = compute_exports(node, blocks, affinities)
+    cfg = listings.bgp_config
+    sessions, peering = read_peering(password, me, nodes, cfg, listings.peers)
+    pools = listings.pools
+    exports = compute_exports(node, listings.blocks, listings.affinities)
     router_id = node_address(me)
     assert router_id is not None
     policy = ImportPolicy(

@@ -33,6 +33,7 @@ from bgp_speaker.routing.controller import RoutingController
 from ipam_blocks.allocator import IPAM
 from ipam_blocks.errors import BeingDeleted, Conflict, L3FabricError, NotFound
 from ipam_blocks.model import Node, parse_node
+from ipam_blocks.node_labels import label_node_objects
 from ipam_blocks.store.base import Store
 
 log = logging.getLogger("l3fabric.agent.routing")
@@ -138,6 +139,20 @@ def _node_with_address(
     return None
 
 
+async def _label_node_objects(node: str, store: Store, stop: asyncio.Event) -> bool:
+    """Label this node's IPAM objects an older release wrote unlabelled, before the caches
+    watch them by that label (retried until it works; False: stopped first)."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(label_node_objects, store, node)
+            return True
+        except L3FabricError as err:
+            log.warning("cannot label node objects", extra={"op": "routing", "reason": str(err)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), NODE_POLL)
+    return False
+
+
 async def run_routing(
     node: str,
     store: Store,
@@ -145,7 +160,7 @@ async def run_routing(
     holder: RoutingHolder,
     stop: asyncio.Event,
 ) -> None:
-    """Run until `stop`. `settings` is the agent's (state_dir, host_netns)."""
+    """Run until `stop`. `settings` is the agent's (state_dir, host_netns, first_list_jitter)."""
     identity = None
     while identity is None and not stop.is_set():
         try:
@@ -157,7 +172,7 @@ async def run_routing(
         if identity is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), NODE_POLL)
-    if identity is None:
+    if identity is None or not await _label_node_objects(node, store, stop):
         return
     router_id, local_as, listen_port = identity
     workdir = Path(settings.state_dir) / "exabgp"
@@ -172,6 +187,7 @@ async def run_routing(
     controller = RoutingController(
         node, store, speaker, fib, reflector, overlay=overlay,
         md5_counters=partial(read_md5_counters, settings.host_netns),
+        list_jitter=settings.first_list_jitter,
     )  # fmt: skip
     await speaker.start()
     holder.loop = asyncio.get_running_loop()

@@ -161,6 +161,8 @@ class Informer:
             try:
                 if self.revision is None:
                     self._list()
+                if self._stopping.is_set():  # stopped mid-list: no revision to watch from
+                    return
                 self._watch()
                 failures = 0
             except WatchExpired as e:

@@ -65,6 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address the metrics endpoint listens on; it is unauthenticated, so only a "
         f"trusted one (default: {DEFAULT_METRICS_ADDRESS})",
     )
+    agent.add_argument(
+        "--list-jitter",
+        type=float,
+        metavar="SECONDS",
+        help="spread routing's first lists of the store over a random 0..SECONDS, so agents "
+        "starting together do not list together (default: 5 with the Kubernetes store, 0 "
+        "with the embedded one)",
+    )
     agent.set_defaults(handler=_agent)
 
     status = verb_group(subparsers, "node", "nodes: records and BGP status").add_parser(
@@ -99,6 +107,7 @@ def _agent(args: argparse.Namespace) -> int:
             bgp=args.bgp,
             metrics_port=args.metrics_port,
             metrics_address=args.metrics_address,
+            list_jitter=args.list_jitter,
         )
     )
 

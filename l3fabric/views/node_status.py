@@ -52,9 +52,15 @@ def render_node_status(status: dict[str, Any], now: float | None = None) -> Rend
         f"dropped by policy: {sum(dropped.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else "")
         + f"   ExaBGP restarts: {status['speaker_restarts']}"
+        + f"   last sync: {_last_sync(status.get('last_sync'), now)}"
     )
     extra = [_reflector_line(status.get("reflector")), _overlay_line(status.get("overlay"))]
     return Group(header, table, footer, *(line for line in extra if line is not None))
+
+
+def _last_sync(at: float | None, now: float) -> str:
+    """When routing last levelled itself to its caches of the store (None: not yet)."""
+    return "never" if not at else f"{_since(at, now)} ago"
 
 
 def _reflector_line(reflector: dict[str, Any] | None) -> Text | None:

@@ -29,20 +29,21 @@ from netaddr import IPAddress, IPNetwork
 from bgp_speaker.pods.dataplane import PodAttachment
 from bgp_speaker.pods.network import PodNetwork
 from bgp_speaker.pods.records import WorkloadRecords, open_records_store
-from bgp_speaker.routing.controller import WATCHED_KINDS, RoutingController
+from bgp_speaker.routing.caches import CLUSTER_KINDS, NODE_KINDS, RoutingCaches
 from bgp_speaker.routing.startup import _identity
-from bgp_speaker.routing.store_watch import StoreWatcher
 from ipam_blocks import retry
 from ipam_blocks.allocator import CLAIMED_AT_ANNOTATION, IPAM, NODE_LABEL, AssignRequest
 from ipam_blocks.gc import SUSPECT_ANNOTATION
 from ipam_blocks.gc_controller import GCLoopSettings, run_passes
 from ipam_blocks.leader import LeaderElector, LeaseSettings
 from ipam_blocks.model import AffinityState, affinity_name, handle_name
+from ipam_blocks.node_labels import label_node_objects
 from ipam_blocks.store.base import CRD_PLURALS, Resource
 from ipam_blocks.store.kube import KubeStore
 from l3fabric.cli import main as cli_main
 from tests.chart.conftest import NAMESPACE, TOR_PEERS, render_objects
 from tests.kube_api_double import KubeApiDouble, RecordedRequest
+from tests.routing.caches import desired_of
 
 NODE = "node-a"
 UNANNOTATED = "node-c"
@@ -233,29 +234,28 @@ def _cni(pods: PodNetwork, command: str, cid: str, **config: Any) -> Any:
 
 
 def _watch_briefly(store: KubeStore, api: KubeApiDouble) -> None:
-    """The agent's store watcher, until it has started a watch of every kind it follows."""
+    """The agent's caches, until they have started a watch of every kind they follow."""
     plurals = {"Node": "nodes", **CRD_PLURALS}
-    wanted = {plurals[k] for k in WATCHED_KINDS}
+    wanted = {plurals[k] for k in (*CLUSTER_KINDS, *NODE_KINDS)}
 
     async def run() -> None:
-        watcher = StoreWatcher(store, WATCHED_KINDS, asyncio.Event())
-        watcher.start()
+        caches = RoutingCaches(store, NODE)
+        caches.start(lambda: None)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             watching = {c.resource for c in _recorded(api) if c.verb == "watch"}
             if wanted <= watching:
                 break
             await asyncio.sleep(0.02)
-        watcher.stop()
+        caches.stop()
         # Recorded what it needed: cut the watches short instead of waiting out their timeout.
-        quiet = [logging.getLogger(n) for n in ("l3fabric.agent.watch", "urllib3")]
+        quiet = [logging.getLogger(n) for n in ("l3fabric.informer", "urllib3")]
         levels = [q.level for q in quiet]
         for q in quiet:
             q.setLevel(logging.CRITICAL)
         try:
             api.stop()
-            for thread in watcher._threads:
-                await asyncio.to_thread(thread.join, 10)
+            await asyncio.to_thread(caches.stop, 10)
         finally:
             for q, level in zip(quiet, levels, strict=True):
                 q.setLevel(level)
@@ -303,8 +303,8 @@ def run_agent_scenario(api: KubeApiDouble, admin: KubeStore, tmp_path: Path) -> 
         _cni(pods, "CHECK", "c1", prevResult=added)
         _cni(pods, "DEL", "c1")
         _cni(pods, "DEL", "c2")
-        controller = RoutingController(NODE, store, speaker=None, fib=None, reflector=None)  # type: ignore[arg-type]
-        desired = controller.read_desired()
+        label_node_objects(store, NODE)  # routing start, before its caches
+        desired = desired_of(store, NODE)
         assert desired is not None
         [tor] = [s for s in desired.sessions if str(s.peer_ip) == "192.0.2.254"]
         assert tor.md5_password == TOR_PASSWORD  # read from the Secret
@@ -336,7 +336,7 @@ def test_an_unreadable_password_secret_holds_the_session_back(api, admin, tmp_pa
     admin.core.delete_namespaced_secret("bgp-passwords", NAMESPACE)
     store = KubeStore(str(api.kubeconfig))
     try:
-        desired = RoutingController(NODE, store, speaker=None, fib=None, reflector=None).read_desired()  # type: ignore[arg-type]
+        desired = desired_of(store, NODE)
     finally:
         store.close()
     assert desired is not None

@@ -1,7 +1,7 @@
 """What the three values sets do to a cluster: the rendered custom resources are created through
 the API (the test double, which validates them against the CRDs as the API server does), the
 nodes carry the labels and annotations README tells users to set, and every node's agent
-computes its BGP sessions from that (`RoutingController.read_desired`, the agent's own code)."""
+computes its BGP sessions from that (through the agent's own caches, `tests.routing.caches`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from bgp_speaker.routing.controller import RoutingController
 from ipam_blocks.store.base import CRD_PLURALS, Resource
 from ipam_blocks.store.kube import KubeStore
 from tests.chart.conftest import MESH, ROUTE_REFLECTORS, TOR_PEERS
 from tests.kube_api_double import KubeApiDouble
+from tests.routing.caches import desired_of
 
 RR_LABEL = {"l3fabric.io/route-reflector": "true"}
 
@@ -45,8 +45,7 @@ def node(store: KubeStore, name: str, address: str, labels=None, **spec: Any) ->
 
 def sessions(store: KubeStore, name: str) -> dict[str, tuple[str, int, str]]:
     """Every session of the node: its ExaBGP's and, on a reflector, its BIRD's."""
-    routing = RoutingController(name, store, speaker=None, fib=None, reflector=None)  # type: ignore[arg-type]
-    desired = routing.read_desired()
+    desired = desired_of(store, name)
     assert desired is not None
     specs = (
         [*desired.sessions, *(r.spec for r in desired.reflector.sessions)]

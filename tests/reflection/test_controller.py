@@ -174,6 +174,7 @@ def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_
 
     from bgp_speaker.bgp.peering import Peering, read_peering
     from bgp_speaker.bgp.rib import Rib
+    from bgp_speaker.routing.caches import PasswordCache
     from ipam_blocks.model import Node
 
     me = Node("n1", {}, IPNetwork("10.0.0.11/24"))
@@ -185,7 +186,8 @@ def test_a_peer_whose_password_cannot_be_read_is_desired_but_not_configured(tmp_
                                      "password": {"file": str(tmp_path / "missing")}}),
     ]  # fmt: skip
     # File passwords only: the store is not read.
-    sessions, desired = read_peering(None, me, [me], parse_bgp_config(None), peers)
+    passwords = PasswordCache(None)  # type: ignore[arg-type]
+    sessions, desired = read_peering(passwords.resolve, me, [me], parse_bgp_config(None), peers)
     by_ip = {str(s.peer_ip): s for s in sessions}
     assert by_ip["10.0.0.254"].md5_password == "s3cret"
     assert by_ip["10.0.0.253"].md5_password is None
