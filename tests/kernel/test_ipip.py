@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -117,8 +118,11 @@ class KernelFabric:
         return f"{self.lab}-{node}"
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the controllers' loop, awaited when it is a coroutine function."""
+
         async def call() -> Any:
-            return fn()
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
 
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
 
