@@ -76,6 +76,8 @@ class BirdReflector:
 
     def apply(self, desired: ReflectorDesired | None) -> None:
         """Make BIRD reflect as ``desired`` (None: stop it), soon and in the background."""
+        if desired is not None and desired == self._wanted and self._alive():
+            return  # every reconcile calls this: no render of 1000 sessions for nothing
         self._wanted = desired
         if desired is None and self._worker is None:
             return
